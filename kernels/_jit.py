@@ -1,0 +1,20 @@
+"""Shared Numba settings: every kernel is cached on disk and compiled in a parallel and a serial twin."""
+import types
+
+from numba import njit
+
+# 'contract' lets LLVM fuse multiply-add; 'reassoc' lets it vectorise the batch-1 dot products.
+# No 'nnan'/'ninf': NaN and Inf in activations must propagate as they do in dense torch.
+FASTMATH = {"contract", "reassoc", "nsz"}
+OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
+
+
+def twin(py_func):
+    """(parallel, serial) compiled versions of one kernel; prange runs as range in the serial one.
+
+    The serial copy gets its own qualname so the two never share an on-disk cache entry."""
+    serial = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_seq",
+                                py_func.__defaults__, py_func.__closure__)
+    serial.__qualname__ = py_func.__qualname__ + "_seq"
+    serial.__module__ = py_func.__module__
+    return njit(parallel=True, **OPTIONS)(py_func), njit(**OPTIONS)(serial)

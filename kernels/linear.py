@@ -1,0 +1,77 @@
+"""Sparse x dense products for Linear layers. Pure functions on raw arrays; the caller allocates `out`.
+
+Batched inputs arrive feature-major (`xt[n_col, B]`) so each nonzero weight is broadcast
+against a contiguous vector of B activations (the XNNPACK CHW-SpMM idea applied to Linear).
+Each kernel exists twice: `*_par` (Numba prange over rows) and `*_seq` (one thread), because
+a parallel launch costs ~10 us, more than the whole product for small layers at batch 1.
+"""
+from numba import prange
+
+from ._jit import twin
+
+
+def _csr_matvec(indptr, indices, data, x, bias, relu, out):
+    """out[i] = bias[i] + sum(data[k] * x[indices[k]]), optional ReLU.
+
+    In: indptr[n_row+1], indices[nnz], data[nnz], x[n_col], bias[n_row]. Out: out[n_row]. Cost: O(nnz)."""
+    for i in prange(out.shape[0]):
+        acc = bias[i]
+        for k in range(indptr[i], indptr[i + 1]):
+            acc += data[k] * x[indices[k]]
+        out[i] = max(acc, 0.0) if relu else acc
+
+
+def _csr_spmm(indptr, indices, data, xt, bias, relu, out):
+    """out[i, :] = bias[i] + sum(data[k] * xt[indices[k], :]), optional ReLU.
+
+    In: xt[n_col, B] (C-contiguous). Out: out[n_row, B]. Cost: O(nnz * B)."""
+    n_batch = out.shape[1]
+    for i in prange(out.shape[0]):
+        acc = out[i]
+        b = bias[i]
+        for j in range(n_batch):
+            acc[j] = b
+        for k in range(indptr[i], indptr[i + 1]):
+            w = data[k]
+            src = xt[indices[k]]
+            for j in range(n_batch):
+                acc[j] += w * src[j]
+        if relu:
+            for j in range(n_batch):
+                acc[j] = max(acc[j], 0.0)
+
+
+def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
+    """BSR version of `_csr_spmm`: data[n_blocks, br, bc], indices = block columns.
+
+    In: xt[n_col, B]. Out: out[n_row, B]. Cost: O(n_blocks * br * bc * B)."""
+    br = data.shape[1]
+    bc = data.shape[2]
+    n_batch = out.shape[1]
+    for ib in prange(indptr.shape[0] - 1):
+        for r in range(br):
+            row = out[ib * br + r]
+            b = bias[ib * br + r]
+            for j in range(n_batch):
+                row[j] = b
+        for k in range(indptr[ib], indptr[ib + 1]):
+            col0 = indices[k] * bc
+            for r in range(br):
+                acc = out[ib * br + r]
+                for c in range(bc):
+                    w = data[k, r, c]
+                    src = xt[col0 + c]
+                    for j in range(n_batch):
+                        acc[j] += w * src[j]
+        if relu:
+            for r in range(br):
+                acc = out[ib * br + r]
+                for j in range(n_batch):
+                    acc[j] = max(acc[j], 0.0)
+
+
+csr_matvec_par, csr_matvec_seq = twin(_csr_matvec)
+csr_spmm_par, csr_spmm_seq = twin(_csr_spmm)
+bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
+
+__all__ = ["csr_matvec_par", "csr_matvec_seq", "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par", "bsr_spmm_seq"]
