@@ -5,6 +5,8 @@ with the model. `forward` validates the input, then hands off to `sparsert.ops`.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -68,16 +70,23 @@ class _SparseBase(nn.Module):
         if self._torch_cache[0] != key:
             idx_dtype = torch.int32 if self.values.numel() < 2**31 else torch.int64
             ptr, idx = self.indptr.to(idx_dtype), self.indices.to(idx_dtype)
-            if self.format == "bsr":
-                w = torch.sparse_bsr_tensor(ptr, idx, self.values, self.sparse_shape, check_invariants=False)
-            else:
-                w = torch.sparse_csr_tensor(ptr, idx, self.values, self.sparse_shape, check_invariants=False)
+            make = torch.sparse_bsr_tensor if self.format == "bsr" else torch.sparse_csr_tensor
+            with warnings.catch_warnings():  # "sparse CSR support is in beta" on every construction
+                warnings.simplefilter("ignore", UserWarning)
+                w = make(ptr, idx, self.values, self.sparse_shape, check_invariants=False)
             self._torch_cache = (key, w)
         return self._torch_cache[1]
 
     def dense_weight_2d(self) -> torch.Tensor:
         """Dense reconstruction of the stored (rows, cols) matrix; O(dense size), for compatibility only."""
         return self.torch_weight().to_dense()
+
+    def effective_backend(self) -> str:
+        """The backend a forward on the weights' own device and dtype uses."""
+        if self.backend != "auto":
+            return self.backend
+        cpu_float = self.values.device.type == "cpu" and self.values.dtype in ops.NUMBA_DTYPES
+        return "numba" if cpu_float else "torch"
 
     def _backend_for(self, x: torch.Tensor) -> str:
         return ops.resolve_backend(self.backend, x, self.layer_name)

@@ -1,0 +1,169 @@
+"""Conversion: fold BatchNorm, swap eligible Linear/Conv2d layers for sparse ones, report per layer."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx
+from torch import nn
+
+from . import ops
+from .checkpoint import copy_model, strip_pruning
+from .formats import block_density
+from .modules import SparseConv2d, SparseLinear, _SparseBase, block_diagonal
+
+# Sparse kernels beat dense ones from about this weight sparsity on (bench/RESULTS.md, micro table).
+DEFAULT_MIN_SPARSITY = 0.7
+
+# Parents whose forward reads a child's `.weight` tensor directly instead of calling it.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention,)
+
+
+def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
+             min_sparsity: float = DEFAULT_MIN_SPARSITY, format: str = "auto", fold_bn: bool = True) -> nn.Module:
+    """Return an eval-mode copy of `model` with its sparse-enough Linear/Conv2d layers on sparse weights.
+
+    Prune reparametrizations are baked in first; BatchNorm after a conv is folded into it where exact
+    (eval mode, conv output used only by the BN). Layers below `min_sparsity` stay dense, as do
+    layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj)."""
+    ops.check_backend(backend)
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+    if not inplace:
+        model = copy_model(model)
+    model.eval()
+    strip_pruning(model)
+    if fold_bn:
+        fold_batchnorm(model)
+    protected = {id(child) for parent in model.modules() if isinstance(parent, _READS_CHILD_WEIGHTS)
+                 for child in parent.children()}
+    for name, module in list(model.named_modules()):
+        if id(module) in protected or not _eligible(module):
+            continue
+        if weight_sparsity(module.weight) < min_sparsity:
+            continue
+        if isinstance(module, nn.Conv2d):
+            sparse = SparseConv2d.from_dense(module, backend=backend, layer_name=name)
+        else:
+            sparse = SparseLinear.from_dense(module, backend=backend, format=format, layer_name=name)
+        _set_submodule(model, name, sparse)
+    return model
+
+
+def _eligible(module: nn.Module) -> bool:
+    return type(module) in (nn.Linear, nn.Conv2d) or (
+        isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, _SparseBase))
+
+
+def weight_sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - torch.count_nonzero(weight).item() / weight.numel() if weight.numel() else 0.0
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+# ----------------------------------------------------------------------------------- BatchNorm folding
+def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold each eval-mode BatchNorm2d into the Conv2d that feeds only it; returns the (conv, bn) pairs.
+
+    The graph comes from torch.fx; a model fx cannot trace is left unfolded (with a warning)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # data-dependent control flow etc.: correctness first, no folding
+        warnings.warn(f"sparsify: torch.fx could not trace {type(model).__name__} ({exc}); BatchNorm not folded")
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
+        # Shared modules (called twice) cannot be folded without changing the other call site.
+        if type(conv) is not nn.Conv2d or calls[src.target] != 1 or calls[node.target] != 1:
+            continue
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        _fold(conv, bn)
+        _set_submodule(model, node.target, nn.Identity())
+        pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = bn.running_var.add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        new_bias = new_bias + bn.bias
+    conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+
+
+# ------------------------------------------------------------------------------------------- report
+REPORT_BLOCKS = (16, 32, 64)
+
+
+def report(model: nn.Module) -> list[dict]:
+    """One row per Linear/Conv2d layer, sparse or dense: name, kind, shape, sparsity, format, backend,
+    dense_bytes, sparse_bytes, and the density a square BSR block of 16/32/64 would keep."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, _SparseBase):
+            weight_2d = module.dense_weight_2d().float().cpu()
+            element = module.values.element_size()
+            shape = list(module.weight.shape)
+            nnz = module.nnz if module.format == "csr" else int(torch.count_nonzero(weight_2d))
+            stored = sum(t.numel() * t.element_size() for t in (module.values, module.indices, module.indptr))
+            bias_bytes = module.bias_or_zeros.numel() * element if module.has_bias else 0
+            fmt = module.format if module.format == "csr" else f"bsr{module.block_shape[0]}"
+            rows.append(_row(name, type(module).__name__, shape, nnz, weight_2d, element, bias_bytes,
+                             stored + bias_bytes, fmt, module.effective_backend()))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = module.weight.detach().float().cpu()
+            weight_2d = block_diagonal(w, module.groups) if isinstance(module, nn.Conv2d) else w
+            element = module.weight.element_size()
+            bias_bytes = module.bias.numel() * element if module.bias is not None else 0
+            dense_bytes = w.numel() * element + bias_bytes
+            rows.append(_row(name, type(module).__name__, list(w.shape), int(torch.count_nonzero(w)), weight_2d,
+                             element, bias_bytes, dense_bytes, "dense", "torch"))
+    return rows
+
+
+def _row(name, kind, shape, nnz, weight_2d, element, bias_bytes, stored_bytes, fmt, backend):
+    numel = 1
+    for s in shape:
+        numel *= s
+    row = dict(name=name, kind=kind, shape=shape, sparsity=1.0 - nnz / numel if numel else 0.0, format=fmt,
+               backend=backend, dense_bytes=numel * element + bias_bytes, sparse_bytes=stored_bytes)
+    for block in REPORT_BLOCKS:
+        row[f"density_b{block}"] = block_density(weight_2d.numpy(), block)
+    return row
+
+
+def format_report(rows: list[dict]) -> str:
+    """Fixed-width text table of `report` rows, with totals."""
+    head = f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'format':>6} {'backend':>7} {'dense KB':>9} " \
+           f"{'sparse KB':>9}  bsr16/32/64 density"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        blocks = "/".join(f"{r[f'density_b{b}']:.2f}" for b in REPORT_BLOCKS)
+        lines.append(f"{r['name'][:28]:<28} {'x'.join(map(str, r['shape'])):<18} {r['sparsity']:>8.2%} "
+                     f"{r['format']:>6} {r['backend']:>7} {r['dense_bytes'] / 1024:>9.1f} "
+                     f"{r['sparse_bytes'] / 1024:>9.1f}  {blocks}")
+    dense = sum(r["dense_bytes"] for r in rows)
+    sparse = sum(r["sparse_bytes"] for r in rows)
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<28} {'':<18} {'':>8} {'':>6} {'':>7} {dense / 1024:>9.1f} {sparse / 1024:>9.1f}  "
+                 f"compression {dense / max(sparse, 1):.1f}x")
+    return "\n".join(lines)
