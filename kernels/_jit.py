@@ -1,4 +1,7 @@
-"""Shared Numba settings: every kernel is cached on disk and compiled in a parallel and a serial twin."""
+"""Shared Numba settings: every kernel is cached on disk and compiled in a parallel and a serial twin.
+
+Numba's cache is keyed on each kernel's own source file: after editing this file, delete
+kernels/__pycache__ so the kernels recompile with the new helper."""
 import types
 
 from numba import njit
@@ -18,3 +21,9 @@ def twin(py_func):
     serial.__qualname__ = py_func.__qualname__ + "_seq"
     serial.__module__ = py_func.__module__
     return njit(parallel=True, **OPTIONS)(py_func), njit(**OPTIONS)(serial)
+
+
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def relu_or_identity(v, relu):
+    """ReLU that keeps NaN, as torch.relu does (max(v, 0) would turn NaN into 0)."""
+    return v if not relu or not v < 0.0 else v - v  # v - v: a zero of v's own dtype

@@ -10,6 +10,7 @@ from torch import nn
 from . import ops
 from .checkpoint import copy_model, strip_pruning
 from .formats import block_density
+from .fuse import fuse_epilogues
 from .modules import SparseConv2d, SparseLinear, _SparseBase, block_diagonal
 
 # Sparse kernels beat dense ones from about this weight sparsity on (bench/RESULTS.md, micro table).
@@ -20,12 +21,15 @@ _READS_CHILD_WEIGHTS = (nn.MultiheadAttention,)
 
 
 def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
-             min_sparsity: float = DEFAULT_MIN_SPARSITY, format: str = "auto", fold_bn: bool = True) -> nn.Module:
+             min_sparsity: float = DEFAULT_MIN_SPARSITY, format: str = "auto", fold_bn: bool = True,
+             fuse: bool = True) -> nn.Module:
     """Return an eval-mode copy of `model` with its sparse-enough Linear/Conv2d layers on sparse weights.
 
     Prune reparametrizations are baked in first; BatchNorm after a conv is folded into it where exact
     (eval mode, conv output used only by the BN). Layers below `min_sparsity` stay dense, as do
-    layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj)."""
+    layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj).
+    With `fuse`, ReLUs and residual adds after sparse layers run in the kernels' epilogues, and the
+    result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse)."""
     ops.check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
@@ -47,7 +51,7 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
         else:
             sparse = SparseLinear.from_dense(module, backend=backend, format=format, layer_name=name)
         _set_submodule(model, name, sparse)
-    return model
+    return fuse_epilogues(model) if fuse else model
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -185,7 +185,7 @@ def block_density(dense, block: int) -> float:
     return float(np.any(blocks != 0, axis=(1, 3)).mean())
 
 
-def choose_format(dense, candidates=(4, 8, 16, 32), min_fill: float = 0.7):
+def choose_format(dense, candidates=(4, 8, 16, 32, 64), min_fill: float = 0.7):
     """CSR, or BSR when the nonzeros come in dense blocks (block fill >= `min_fill`).
 
     Fill = nonzeros / values stored in the kept blocks: 1.0 after block or channel pruning,

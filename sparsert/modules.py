@@ -42,6 +42,7 @@ class _SparseBase(nn.Module):
         b = bias.detach().clone() if bias is not None else torch.zeros(fmt.shape[0], dtype=self.values.dtype)
         self.register_buffer("bias_or_zeros", b.to(self.values.dtype))
         self._torch_cache = (None, None)
+        self._numba_cache = (None, None)
 
     # -- views of the stored weight
     def to_format(self) -> CSR | BSR:
@@ -64,8 +65,16 @@ class _SparseBase(nn.Module):
     def bias(self):
         return self.bias_or_zeros if self.has_bias else None
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """dtype the torch backend multiplies in: the stored dtype, except fp16/bf16 on CPU, where
+        torch's CSR/BSR matmul has no kernel (torch 2.15: 'addmm_out_sparse_csr_impl_mkl' not
+        implemented for 'BFloat16'); there products run in fp32 and the result is cast back."""
+        low = self.values.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if low and device.type == "cpu" else self.values.dtype
+
     def torch_weight(self) -> torch.Tensor:
-        """The weight as a torch sparse CSR/BSR tensor on the buffers' device and dtype (cached)."""
+        """The weight as a torch sparse CSR/BSR tensor on the buffers' device, in compute_dtype (cached)."""
+        dtype = self.compute_dtype(self.values.device)
         key = (self.values.data_ptr(), self.values.dtype, self.values.device, self.indices.data_ptr())
         if self._torch_cache[0] != key:
             idx_dtype = torch.int32 if self.values.numel() < 2**31 else torch.int64
@@ -73,9 +82,20 @@ class _SparseBase(nn.Module):
             make = torch.sparse_bsr_tensor if self.format == "bsr" else torch.sparse_csr_tensor
             with warnings.catch_warnings():  # "sparse CSR support is in beta" on every construction
                 warnings.simplefilter("ignore", UserWarning)
-                w = make(ptr, idx, self.values, self.sparse_shape, check_invariants=False)
+                w = make(ptr, idx, self.values.to(dtype), self.sparse_shape, check_invariants=False)
             self._torch_cache = (key, w)
         return self._torch_cache[1]
+
+    def numba_arrays(self) -> tuple:
+        """(indptr, indices, values, bias) as NumPy views for the kernels (indices unsigned), plus the
+        conv tap arrays; cached, since building them costs more than a small layer's whole product."""
+        key = (self.values.data_ptr(), self.values.dtype, self.bias_or_zeros.data_ptr(), self.indices.data_ptr())
+        if self._numba_cache[0] != key:
+            index_tensors = [self.indptr, self.indices] + [getattr(self, n) for n in ("tap_chan", "tap_dy", "tap_dx")
+                                                          if hasattr(self, n)]
+            arrays = tuple(ops.unsigned_view(t) for t in index_tensors)
+            self._numba_cache = (key, arrays + (self.values.detach().numpy(), self.bias_or_zeros.detach().numpy()))
+        return self._numba_cache[1]
 
     def dense_weight_2d(self) -> torch.Tensor:
         """Dense reconstruction of the stored (rows, cols) matrix; O(dense size), for compatibility only."""
@@ -129,10 +149,9 @@ class SparseLinear(_SparseBase):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         if self._backend_for(x) == "numba":
-            y = ops.linear_numba(x2d, self.format, self.values, self.indices, self.indptr, self.bias_or_zeros,
-                                 self.relu)
+            y = ops.linear_numba(x2d, self)
         else:
-            y = ops.linear_torch(x2d, self.torch_weight(), self.bias, self.relu)
+            y = ops.linear_torch(x2d, self)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -233,11 +252,23 @@ class SparseConv2d(_SparseBase):
         if self.padding_mode != "zeros":
             t, b, l, r = self._explicit_pads()
             x = F.pad(x, (l, r, t, b), mode=self.padding_mode)
-        if self._backend_for(x) == "numba":
-            y = ops.conv2d_numba(x, self, residual, self.relu)
+        if residual is not None and residual.shape != self.output_shape(x):
+            # The fuser cannot see shapes: a broadcasting add stays a separate torch op.
+            y = self._conv(x, None, False) + residual
+            y = torch.relu(y) if self.relu else y
         else:
-            y = ops.conv2d_torch(x, self, residual, self.relu)
+            y = self._conv(x, residual, self.relu)
         return y.squeeze(0) if unbatched else y
+
+    def _conv(self, x, residual, relu):
+        if self._backend_for(x) == "numba":
+            return ops.conv2d_numba(x, self, residual, relu)
+        return ops.conv2d_torch(x, self, residual, relu)
+
+    def output_shape(self, x) -> torch.Size:
+        out_h, out_w, _, _ = ops.conv_geometry(x.shape[2], x.shape[3], self.pads, self.stride, self.dilation,
+                                               self.kernel_size)
+        return torch.Size((x.shape[0], self.out_channels, out_h, out_w))
 
     def extra_repr(self) -> str:
         pad = self.padding if isinstance(self.padding, str) else tuple(self.padding)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +23,11 @@ CALLS: Counter = Counter()
 
 # Below this many multiply-adds a parallel launch costs more than it saves (measured, bench/RESULTS.md).
 PARALLEL_MIN_WORK = 32_768
-# Output-grid floats one conv work item accumulates: fits L1 with room for the input rows it reads.
-CONV_TILE = 2048
+# Output-grid floats one conv work item accumulates: about CONV_TILE_MAX (2 KB), so the tile and the
+# input slices it reads stay in L1 (A/B: 256-1024 beat 4096 by ~1.5x), and small enough that the
+# tile's slice of all packed input channels (~CONV_TILE_L2 floats) stays in L2.
+CONV_TILE_MAX = 512
+CONV_TILE_L2 = 256 * 1024
 
 
 def check_backend(backend: str) -> str:
@@ -60,8 +64,14 @@ def check_input(x, layer: str, weight: torch.Tensor, ndims: tuple[int, ...], dim
                          f"(input shape {tuple(x.shape)})")
 
 
-def _np(t: torch.Tensor):
-    return t.detach().numpy()
+_UNSIGNED = {np.dtype(np.int16): np.uint16, np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
+
+
+def unsigned_view(t: torch.Tensor) -> np.ndarray:
+    """Unsigned view of a non-negative index tensor: Numba adds a wraparound check to every signed
+    index, which made the kernels 2-3x slower."""
+    a = t.detach().numpy()
+    return a.view(_UNSIGNED[a.dtype])
 
 
 def _parallel(work: int) -> bool:
@@ -69,35 +79,56 @@ def _parallel(work: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- Linear
-def linear_numba(x2d, fmt, values, indices, indptr, bias, relu=False):
+def linear_numba(x2d, layer):
     """y[B, out] = x2d[B, in] @ W.T + bias with W in CSR/BSR arrays. Returns a transposed view
     of a feature-major [out, B] buffer, so a following sparse Linear reads it without a copy."""
+    indptr, indices, values, bias = layer.numba_arrays()
     n_batch = x2d.shape[0]
-    n_out = indptr.shape[0] - 1 if fmt == "csr" else (indptr.shape[0] - 1) * values.shape[1]
-    if n_batch == 1 and fmt == "csr":
+    if n_batch == 1 and layer.format == "csr":
         x = x2d[0].contiguous()
-        out = torch.empty(n_out, dtype=x.dtype)
+        out = torch.empty(layer.out_features, dtype=x.dtype)
         kernel = kernels.csr_matvec_par if _parallel(values.shape[0]) else kernels.csr_matvec_seq
-        kernel(_np(indptr), _np(indices), _np(values), _np(x), _np(bias), relu, _np(out))
+        kernel(indptr, indices, values, x.detach().numpy(), bias, layer.relu, out.numpy())
         CALLS["numba.csr_matvec"] += 1
         return out.unsqueeze(0)
     xt = x2d.t().contiguous()  # free when x2d is itself a transposed view of a previous output
-    out = torch.empty(n_out, n_batch, dtype=x2d.dtype)
-    name = "csr_spmm" if fmt == "csr" else "bsr_spmm"
-    par = _parallel(values.numel() * n_batch)
+    out = torch.empty(layer.out_features, n_batch, dtype=x2d.dtype)
+    name = "csr_spmm" if layer.format == "csr" else "bsr_spmm"
+    par = _parallel(values.size * n_batch)
     kernel = getattr(kernels, f"{name}_{'par' if par else 'seq'}")
-    kernel(_np(indptr), _np(indices), _np(values), _np(xt), _np(bias), relu, _np(out))
+    kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
     CALLS[f"numba.{name}"] += 1
     return out.t()
 
 
-def linear_torch(x2d, weight_sparse, bias, relu=False):
-    """torch.sparse path (cuSPARSE on CUDA, MKL on CPU); the same code on both devices."""
-    out = torch.mm(weight_sparse, x2d.t()).t()
-    if bias is not None:
-        out = out + bias
-    CALLS[f"torch.{weight_sparse.layout}".replace("torch.torch.", "torch.")] += 1
-    return torch.relu(out) if relu else out
+def sparse_mm(weight: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """weight (torch CSR/BSR) @ dense. CUDA BSR in fp16/bf16 with blocks >= 16 goes through torch's
+    Triton kernel (`bsr_dense_mm`), the fast GPU BSR path; everything else through torch.mm
+    (cuSPARSE on CUDA, MKL on CPU)."""
+    if weight.is_cuda and weight.layout == torch.sparse_bsr and weight.dtype in (torch.float16, torch.bfloat16) \
+            and min(weight.values().shape[-2:]) >= 16 and _triton_bsr_dense_mm() is not None:
+        CALLS["torch.triton_bsr_dense_mm"] += 1
+        return _triton_bsr_dense_mm()(weight, dense.contiguous())
+    return torch.mm(weight, dense)
+
+
+def _triton_bsr_dense_mm():
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+    except ImportError:  # torch built without Triton: torch.mm still handles CUDA BSR
+        return None
+    return bsr_dense_mm
+
+
+def linear_torch(x2d, layer):
+    """torch.sparse path (cuSPARSE or Triton on CUDA, MKL on CPU); the same code on both devices."""
+    weight = layer.torch_weight()
+    out = sparse_mm(weight, x2d.t().to(weight.dtype)).t()
+    if layer.has_bias:
+        out = out + layer.bias_or_zeros.to(weight.dtype)
+    CALLS[f"torch.linear.{layer.format}"] += 1
+    out = torch.relu(out) if layer.relu else out
+    return out.to(x2d.dtype)
 
 
 # ----------------------------------------------------------------------------------------- Conv2d
@@ -124,23 +155,24 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     if n_img == 0:
         return out.permute(1, 0, 2, 3)
     max_off = layer.max_dy * wq + layer.max_dx
-    work = layer.values.shape[0] * n_img * hq * wq
+    work = layer.nnz * n_img * hq * wq
     par = _parallel(work)
     cnhw = x.transpose(0, 1)
     if max_off == 0 and stride == (1, 1) and pads == (0, 0, 0, 0) and cnhw.is_contiguous():
-        xq = cnhw.reshape(cnhw.shape[0], -1)  # 1x1 conv on our own CNHW output: no packing at all
+        xq = cnhw.detach().reshape(cnhw.shape[0], -1)  # 1x1 conv on our own CNHW output: no packing at all
     else:
         xq = torch.empty(x.shape[1] * stride[0] * stride[1], n_img * hq * wq + max_off, dtype=x.dtype)
         pack = kernels.pack_input_par if par else kernels.pack_input_seq
-        pack(_np(x), pads[0], pads[2], stride[0], stride[1], hq, wq, _np(xq))
-    rows_per_tile = max(1, CONV_TILE // wq)
+        pack(x.detach().numpy(), pads[0], pads[2], stride[0], stride[1], hq, wq, xq.numpy())
+    tile = min(CONV_TILE_MAX, max(128, CONV_TILE_L2 // xq.shape[0]))
+    rows_per_tile = max(1, tile // wq)
     scratch = torch.empty(numba.get_num_threads(), rows_per_tile * wq, dtype=x.dtype)
     has_residual = residual is not None
-    res = residual.transpose(0, 1) if has_residual else out  # placeholder array when unused
+    res = residual.detach().transpose(0, 1) if has_residual else out  # placeholder array when unused
     kernel = kernels.sparse_conv_par if par else kernels.sparse_conv_seq
-    kernel(_np(layer.indptr), _np(layer.tap_chan), _np(layer.tap_dy), _np(layer.tap_dx), _np(layer.values),
-           _np(xq), hq, wq, _np(layer.bias_or_zeros), _np(res), has_residual, relu, rows_per_tile,
-           _np(scratch), _np(out))
+    indptr, _, chan, dy, dx, values, bias = layer.numba_arrays()
+    kernel(indptr, chan, dy, dx, values, xq.numpy(), hq, wq, bias, res.numpy(), has_residual, relu,
+           rows_per_tile, scratch.numpy(), out.numpy())
     CALLS["numba.sparse_conv"] += 1
     return out.permute(1, 0, 2, 3)
 
@@ -156,13 +188,15 @@ def conv2d_torch(x, layer, residual=None, relu=False):
                                        layer.kernel_size)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"{layer.layer_name}: input is smaller than the dilated kernel")
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # [N, C*kk, L]
-    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-    out = torch.mm(layer.torch_weight(), cols)
+    weight = layer.torch_weight()
+    cols = F.unfold(x.to(weight.dtype), layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [C*kh*kw, N*L]
+    out = sparse_mm(weight, cols)
     out = out.reshape(layer.out_channels, n_img, out_h, out_w).permute(1, 0, 2, 3)
     if layer.has_bias:
-        out = out + layer.bias_or_zeros.view(1, -1, 1, 1)
+        out = out + layer.bias_or_zeros.to(weight.dtype).view(1, -1, 1, 1)
     if residual is not None:
-        out = out + residual
+        out = out + residual.to(weight.dtype)
     CALLS[f"torch.conv.{layer.format}"] += 1
-    return torch.relu(out) if relu else out
+    out = torch.relu(out) if relu else out
+    return out.to(x.dtype)
