@@ -7,6 +7,7 @@ to output grid position q, so each nonzero is one contiguous multiply-add over m
 whatever the kernel size, stride, dilation or groups. Grid positions with ow >= OW or oh >= OH
 are computed and discarded; the epilogue writes only valid pixels, fusing bias, residual and ReLU.
 """
+import numpy as np
 from numba import get_thread_id, njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
@@ -119,7 +120,44 @@ def _sparse_conv(indptr, chan, dy, dx, data, xq, hq, wq, bias, residual, has_res
                     dst[ow] = relu_or_identity(v, relu)
 
 
+def _im2col(x, x_strides, n_img, n_chan, height, width, kernel_h, kernel_w, stride_h, stride_w, dil_h, dil_w,
+            pad_top, pad_left, out_h, out_w, out):
+    """out[(c*kh + i)*kw + j, (n*OH + oh)*OW + ow] = x_padded[n, c, oh*sh + i*dh, ow*sw + j*dw].
+
+    In: x, a flat float array holding x[N, C, H, W] at element strides x_strides (sn, sc, sh, 1).
+    Out: out[C*kh*kw, N*OH*OW], fully written. Used for small feature maps, where the direct
+    kernel's padded grid wastes most of its work (4x4: 56%). Flat indexing, not slices: at 4-pixel
+    rows, building two array views per row cost 10x the copy itself."""
+    taps = kernel_h * kernel_w
+    sn, sc, sh = x_strides[0], x_strides[1], x_strides[2]
+    pixels = n_img * out_h * out_w
+    for row in prange(n_chan * taps):
+        c = row // taps
+        i = (row % taps) // kernel_w
+        j = row % kernel_w
+        x0 = j * dil_w - pad_left
+        ow_lo = min(out_w, max(0, (-x0 + stride_w - 1) // stride_w))
+        ow_hi = max(ow_lo, min(out_w, (width - 1 - x0) // stride_w + 1))
+        o = np.uintp(row * pixels)
+        for n in range(n_img):
+            for oh in range(out_h):
+                h = oh * stride_h + i * dil_h - pad_top
+                if h < 0 or h >= height:
+                    for ow in range(out_w):
+                        out[o + np.uintp(ow)] = 0.0
+                else:
+                    src = np.uintp(n * sn + c * sc + h * sh + x0)
+                    for ow in range(ow_lo):
+                        out[o + np.uintp(ow)] = 0.0
+                    for ow in range(ow_lo, ow_hi):
+                        out[o + np.uintp(ow)] = x[src + np.uintp(ow * stride_w)]
+                    for ow in range(ow_hi, out_w):
+                        out[o + np.uintp(ow)] = 0.0
+                o += np.uintp(out_w)
+
+
 pack_input_par, pack_input_seq = twin(_pack_input)
+im2col_par, im2col_seq = twin(_im2col)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 
-__all__ = ["pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["im2col_par", "im2col_seq", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]

@@ -23,33 +23,49 @@ def _csr_matvec(indptr, indices, data, x, bias, relu, out):
         out[i] = relu_or_identity(acc, relu)
 
 
-def _csr_spmm(indptr, indices, data, xt, bias, relu, out):
-    """out[i, :] = bias[i] + sum(data[k] * xt[indices[k], :]), optional ReLU.
+# Columns per work item: a 64-column slab of xt (n_col x 256 B) stays in L2 while every row
+# reads it; whole rows of a 1024-column im2col matrix came from L3 and ran 3-5x slower.
+SPMM_CHUNK = 64
 
-    In: xt[n_col, B] (C-contiguous). Out: out[n_row, B]. Cost: O(nnz * B)."""
-    n_batch = out.shape[1]
-    for i in prange(out.shape[0]):
-        acc = out[i]
+
+def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out):
+    """out[i, :] = relu?(bias[i] + sum(data[k] * xt[indices[k], :]) + residual[i, :]).
+
+    In: xt[n_col, B] (C-contiguous), residual[n_row, B] (ignored unless has_residual).
+    Out: out[n_row, B]. Cost: O(nnz * B). Also the GEMM half of im2col convs (B = pixels)."""
+    n_row, n_batch = out.shape
+    n_chunks = (n_batch + SPMM_CHUNK - 1) // SPMM_CHUNK
+    for item in prange(n_chunks * n_row):  # chunk-major: consecutive items share one slab
+        i = item % n_row
+        j0 = (item // n_row) * SPMM_CHUNK
+        j1 = min(j0 + SPMM_CHUNK, n_batch)
+        width = j1 - j0
+        acc = out[i, j0:j1]
         b = bias[i]
-        for j in range(n_batch):
+        for j in range(width):
             acc[j] = b
         # Four nonzeros per pass: one accumulator load/store serves four FMAs.
         k = indptr[i]
         end = indptr[i + 1]
         while k + 4 <= end:
             w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-            s0, s1, s2, s3 = xt[indices[k]], xt[indices[k + 1]], xt[indices[k + 2]], xt[indices[k + 3]]
-            for j in range(n_batch):
+            s0, s1 = xt[indices[k], j0:j1], xt[indices[k + 1], j0:j1]
+            s2, s3 = xt[indices[k + 2], j0:j1], xt[indices[k + 3], j0:j1]
+            for j in range(width):
                 acc[j] += (w0 * s0[j] + w1 * s1[j]) + (w2 * s2[j] + w3 * s3[j])
             k += 4
         while k < end:
             w = data[k]
-            src = xt[indices[k]]
-            for j in range(n_batch):
+            src = xt[indices[k], j0:j1]
+            for j in range(width):
                 acc[j] += w * src[j]
             k += 1
-        if relu:
-            for j in range(n_batch):
+        if has_residual:
+            res = residual[i, j0:j1]
+            for j in range(width):
+                acc[j] = relu_or_identity(acc[j] + res[j], relu)
+        elif relu:
+            for j in range(width):
                 acc[j] = relu_or_identity(acc[j], True)
 
 

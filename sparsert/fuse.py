@@ -28,25 +28,25 @@ class SparseTracer(torch.fx.Tracer):
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
+    from .plan import SparseGraphModule  # the graph's runner; plan imports this module's patterns
     graph = SparseTracer().trace(model)
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return SparseGraphModule(model, graph, class_name=type(model).__name__)
 
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:
-    """Return a GraphModule with ReLU and residual adds fused into sparse layers (or `model` itself,
-    unchanged, when fx cannot trace it or nothing fuses)."""
+    """Return a SparseGraphModule with ReLU and residual adds fused into sparse layers, which runs
+    through a compiled whole-network plan where it can (sparsert.plan); or `model` unchanged
+    when fx cannot trace it."""
     try:
         gm = trace(model)
     except Exception as exc:  # data-dependent control flow etc.: run unfused, still correct
         warnings.warn(f"sparsify: torch.fx could not trace {type(model).__name__} ({exc}); epilogues not fused")
         return model
     modules = dict(gm.named_modules())
-    fused = 0
     for node in list(gm.graph.nodes):  # folded BatchNorms left nn.Identity between conv and ReLU
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity) and len(node.args) == 1:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            fused += 1
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -67,9 +67,6 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
             continue
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
-        fused += 1
-    if not fused:
-        return model
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

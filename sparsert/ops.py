@@ -96,7 +96,10 @@ def linear_numba(x2d, layer):
     name = "csr_spmm" if layer.format == "csr" else "bsr_spmm"
     par = _parallel(values.size * n_batch)
     kernel = getattr(kernels, f"{name}_{'par' if par else 'seq'}")
-    kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
+    if layer.format == "csr":
+        kernel(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False, layer.relu, out.numpy())
+    else:
+        kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
     CALLS[f"numba.{name}"] += 1
     return out.t()
 
@@ -143,6 +146,15 @@ def conv_geometry(height, width, pads, stride, dilation, kernel_size):
     return out_h, out_w, hq, wq
 
 
+# Feature maps up to this many output pixels (N*OH*OW) run as im2col + CSR SpMM: the direct kernel's
+# padded grid wastes up to 56% there and its short rows cost more per nonzero (A/B in bench/RESULTS.md).
+IM2COL_MAX_PIXELS = 1024
+
+
+def uses_im2col(n_img: int, out_h: int, out_w: int) -> bool:
+    return n_img * out_h * out_w <= IM2COL_MAX_PIXELS
+
+
 def conv2d_numba(x, layer, residual=None, relu=False):
     """Direct sparse conv of NCHW-indexed x (any strides). Returns an NCHW view of a CNHW buffer,
     so the next sparse conv reads channel rows without a transpose."""
@@ -154,6 +166,8 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     out = torch.empty(layer.out_channels, n_img, out_h, out_w, dtype=x.dtype)
     if n_img == 0:
         return out.permute(1, 0, 2, 3)
+    if uses_im2col(n_img, out_h, out_w):
+        return _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w)
     max_off = layer.max_dy * wq + layer.max_dx
     work = layer.nnz * n_img * hq * wq
     par = _parallel(work)
@@ -166,7 +180,8 @@ def conv2d_numba(x, layer, residual=None, relu=False):
         pack(x.detach().numpy(), pads[0], pads[2], stride[0], stride[1], hq, wq, xq.numpy())
     tile = min(CONV_TILE_MAX, max(128, CONV_TILE_L2 // xq.shape[0]))
     rows_per_tile = max(1, tile // wq)
-    scratch = torch.empty(numba.get_num_threads(), rows_per_tile * wq, dtype=x.dtype)
+    # get_thread_id() can reach the pool size even after numba.set_num_threads() lowered the count
+    scratch = torch.empty(numba.config.NUMBA_NUM_THREADS, rows_per_tile * wq, dtype=x.dtype)
     has_residual = residual is not None
     res = residual.detach().transpose(0, 1) if has_residual else out  # placeholder array when unused
     kernel = kernels.sparse_conv_par if par else kernels.sparse_conv_seq
@@ -174,6 +189,37 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     kernel(indptr, chan, dy, dx, values, xq.numpy(), hq, wq, bias, res.numpy(), has_residual, relu,
            rows_per_tile, scratch.numpy(), out.numpy())
     CALLS["numba.sparse_conv"] += 1
+    return out.permute(1, 0, 2, 3)
+
+
+def flat_with_strides(x: torch.Tensor):
+    """(flat array over x's storage span, element strides (n, c, h)) with unit width stride;
+    copies only when the width axis is not contiguous."""
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    x = x.detach()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
+    flat = torch.as_strided(x, (span,), (1,)).numpy()
+    return flat, np.array(x.stride()[:3], dtype=np.int64)
+
+
+def _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w):
+    n_img, n_chan = x.shape[0], x.shape[1]
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    pixels = n_img * out_h * out_w
+    cols = torch.empty(n_chan * kh * kw, pixels, dtype=x.dtype)
+    par = _parallel(layer.nnz * pixels)
+    flat, strides = flat_with_strides(x)
+    (kernels.im2col_par if par else kernels.im2col_seq)(
+        flat, strides, n_img, n_chan, x.shape[2], x.shape[3], kh, kw, sh, sw, dh, dw, layer.pads[0], layer.pads[2],
+        out_h, out_w, cols.numpy().reshape(-1))
+    indptr, indices, _, _, _, values, bias = layer.numba_arrays()
+    out2d = out.view(layer.out_channels, pixels)
+    has_residual = residual is not None
+    res = residual.detach().transpose(0, 1).reshape(layer.out_channels, pixels) if has_residual else out2d
+    (kernels.csr_spmm_par if par else kernels.csr_spmm_seq)(
+        indptr, indices, values, cols.numpy(), bias, res.numpy(), has_residual, relu, out2d.numpy())
+    CALLS["numba.im2col_conv"] += 1
     return out.permute(1, 0, 2, 3)
 
 

@@ -1,0 +1,210 @@
+"""Whole-network executor: runs a compiled plan (an op table) in one Numba call.
+
+At batch 1 a pruned network's arithmetic takes microseconds per layer, while a Python-level call
+costs ~50 us (module call, torch allocations, Numba argument typing). The plan builder
+(`sparsert.plan`) lowers the network into rows of int64 parameters; this loop walks them.
+
+Activations live in one float32 arena. Layouts: conv activations are CNHW (channel rows with
+batch folded into the pixel axis); Linear activations are feature-major [features, batch].
+Weights live in two concatenated arrays (float32 values + biases, uint32 indices).
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._jit import FASTMATH, OPTIONS, twin
+from .conv import im2col_par, im2col_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
+from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_par, csr_spmm_seq
+
+# Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
+NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR, LINEAR_DENSE = 1, 2, 3, 4, 5, 6, 7
+MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM = 8, 9, 10, 11, 12, 13, 14
+N_PARAMS = 24
+
+
+def _maxpool(x, kernel, stride, pad, out):
+    """out[c, n, i, j] = max over the window of x[c, n] (padding never wins: -inf).
+    In: x[C, N, H, W]. Out: out[C, N, OH, OW]."""
+    n_chan, n_img, height, width = x.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    for cn in prange(n_chan * n_img):
+        c, n = cn // n_img, cn % n_img
+        src, dst = x[c, n], out[c, n]
+        for i in range(out_h):
+            h0 = i * stride - pad
+            for j in range(out_w):
+                w0 = j * stride - pad
+                best = -np.inf
+                for dh in range(kernel):
+                    h = h0 + dh
+                    if 0 <= h < height:
+                        for dw in range(kernel):
+                            w = w0 + dw
+                            if 0 <= w < width and src[h, w] > best:
+                                best = src[h, w]
+                dst[i, j] = best
+
+
+def _global_avgpool(x, out):
+    """out[c, n] = mean(x[c, n]). In: x[C, N, H*W]. Out: out[C, N] (feature-major for a Linear)."""
+    n_chan, n_img, n_pix = x.shape
+    for c in prange(n_chan):
+        for n in range(n_img):
+            row = x[c, n]
+            acc = 0.0
+            for p in range(n_pix):
+                acc += row[p]
+            out[c, n] = acc / n_pix
+
+
+maxpool_par, maxpool_seq = twin(_maxpool)
+global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
+
+
+@njit(**OPTIONS)
+def run_plan(ops, arena, f32, u32, x):
+    """Execute `ops` in order. x: the network input (flattened); arena: activations and scratch;
+    f32 / u32: weights. Every buffer is a slice of arena at an offset the builder chose."""
+    for r in range(ops.shape[0]):
+        op = ops[r]
+        code, par = op[0], op[1] != 0
+        p = op[2:]
+        if code == NCHW_TO_CNHW:  # p: out, N, C, H, W
+            n_img, n_chan, hw = p[1], p[2], p[3] * p[4]
+            src = x[:n_img * n_chan * hw].reshape((n_img, n_chan, hw))
+            dst = arena[p[0]:p[0] + n_img * n_chan * hw].reshape((n_chan, n_img, hw))
+            for c in range(n_chan):
+                for n in range(n_img):
+                    d, s = dst[c, n], src[n, c]
+                    for q in range(hw):
+                        d[q] = s[q]
+        elif code == ROWS_TO_FEATURES:  # p: out, B, F  (x[B, F] -> out[F, B])
+            n_batch, n_feat = p[1], p[2]
+            src = x[:n_batch * n_feat].reshape((n_batch, n_feat))
+            dst = arena[p[0]:p[0] + n_batch * n_feat].reshape((n_feat, n_batch))
+            for f in range(n_feat):
+                for b in range(n_batch):
+                    dst[f, b] = src[b, f]
+        elif code == PACK:  # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len
+            n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
+            src = arena[p[0]:p[0] + n_chan * n_img * height * width].reshape((n_chan, n_img, height, width))
+            rows = n_chan * p[8] * p[9]
+            dst = arena[p[1]:p[1] + rows * p[12]].reshape((rows, p[12]))
+            if par:
+                pack_input_par(src.transpose((1, 0, 2, 3)), p[6], p[7], p[8], p[9], p[10], p[11], dst)
+            else:
+                pack_input_seq(src.transpose((1, 0, 2, 3)), p[6], p[7], p[8], p[9], p[10], p[11], dst)
+        elif code == CONV:
+            # p: xq, xq_rows, xq_len, out, Cout, N, OH, OW, residual (-1: none), relu, hq, wq,
+            #    rows_per_tile, scratch, scratch_rows, indptr, taps(chan|dy|dx), nnz, values, bias
+            xq = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
+            shape = (p[4], p[5], p[6], p[7])
+            size = p[4] * p[5] * p[6] * p[7]
+            out = arena[p[3]:p[3] + size].reshape(shape)
+            has_res = p[8] >= 0
+            res = arena[p[8]:p[8] + size].reshape(shape) if has_res else out
+            scratch = arena[p[13]:p[13] + p[14] * p[12] * p[11]].reshape((p[14], p[12] * p[11]))
+            indptr = u32[p[15]:p[15] + p[4] + 1]
+            nnz = p[17]
+            chan, dy, dx = u32[p[16]:p[16] + nnz], u32[p[16] + nnz:p[16] + 2 * nnz], u32[p[16] + 2 * nnz:p[16] + 3 * nnz]
+            values, bias = f32[p[18]:p[18] + nnz], f32[p[19]:p[19] + p[4]]
+            if par:
+                sparse_conv_par(indptr, chan, dy, dx, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0,
+                                p[12], scratch, out)
+            else:
+                sparse_conv_seq(indptr, chan, dy, dx, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0,
+                                p[12], scratch, out)
+        elif code == IM2COL:  # p: in, out, C, N, H, W, kh, kw, sh, sw, dh, dw, pad_t, pad_l, OH, OW
+            n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
+            src = arena[p[0]:p[0] + n_chan * n_img * height * width]
+            strides = np.array([height * width, n_img * height * width, width])  # CNHW buffer as (n, c, h)
+            rows, pixels = n_chan * p[6] * p[7], n_img * p[14] * p[15]
+            dst = arena[p[1]:p[1] + rows * pixels]
+            if par:
+                im2col_par(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], p[12],
+                           p[13], p[14], p[15], dst)
+            else:
+                im2col_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], p[12],
+                           p[13], p[14], p[15], dst)
+        elif code == CONV_GEMM:
+            # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias
+            cols = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
+            out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
+            has_res = p[5] >= 0
+            res = arena[p[5]:p[5] + p[4] * p[2]].reshape((p[4], p[2])) if has_res else out
+            indptr, indices = u32[p[7]:p[7] + p[4] + 1], u32[p[8]:p[8] + p[9]]
+            values, bias = f32[p[10]:p[10] + p[9]], f32[p[11]:p[11] + p[4]]
+            if par:
+                csr_spmm_par(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out)
+            else:
+                csr_spmm_seq(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out)
+        elif code == LINEAR_CSR or code == LINEAR_BSR:
+            # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc
+            n_batch = p[4]
+            xt = arena[p[0]:p[0] + p[2] * n_batch].reshape((p[2], n_batch))
+            out = arena[p[1]:p[1] + p[3] * n_batch].reshape((p[3], n_batch))
+            indptr, indices = u32[p[6]:p[6] + p[7]], u32[p[8]:p[8] + p[9]]
+            values, bias, relu = f32[p[10]:p[10] + p[11]], f32[p[12]:p[12] + p[3]], p[5] != 0
+            if code == LINEAR_BSR:
+                blocks = values.reshape((p[9], p[13], p[14]))
+                if par:
+                    bsr_spmm_par(indptr, indices, blocks, xt, bias, relu, out)
+                else:
+                    bsr_spmm_seq(indptr, indices, blocks, xt, bias, relu, out)
+            elif n_batch == 1:
+                if par:
+                    csr_matvec_par(indptr, indices, values, xt[:, 0], bias, relu, out[:, 0])
+                else:
+                    csr_matvec_seq(indptr, indices, values, xt[:, 0], bias, relu, out[:, 0])
+            elif par:
+                csr_spmm_par(indptr, indices, values, xt, bias, out, False, relu, out)
+            else:
+                csr_spmm_seq(indptr, indices, values, xt, bias, out, False, relu, out)
+        elif code == LINEAR_DENSE:  # p: in, out, in_f, out_f, B, relu, weight, bias (-1: none)
+            n_batch = p[4]
+            xt = arena[p[0]:p[0] + p[2] * n_batch].reshape((p[2], n_batch))
+            out = arena[p[1]:p[1] + p[3] * n_batch].reshape((p[3], n_batch))
+            weight = f32[p[6]:p[6] + p[3] * p[2]].reshape((p[3], p[2]))
+            _dense_linear(weight, xt, out)
+            for o in range(p[3]):
+                b = f32[p[7] + o] if p[7] >= 0 else np.float32(0.0)
+                for j in range(n_batch):
+                    v = out[o, j] + b
+                    out[o, j] = v if p[5] == 0 or not v < 0.0 else v - v
+        elif code == MAXPOOL:  # p: in, out, C, N, H, W, OH, OW, kernel, stride, pad
+            src = arena[p[0]:p[0] + p[2] * p[3] * p[4] * p[5]].reshape((p[2], p[3], p[4], p[5]))
+            dst = arena[p[1]:p[1] + p[2] * p[3] * p[6] * p[7]].reshape((p[2], p[3], p[6], p[7]))
+            if par:
+                maxpool_par(src, p[8], p[9], p[10], dst)
+            else:
+                maxpool_seq(src, p[8], p[9], p[10], dst)
+        elif code == GLOBAL_AVGPOOL:  # p: in, out, C, N, H*W
+            src = arena[p[0]:p[0] + p[2] * p[3] * p[4]].reshape((p[2], p[3], p[4]))
+            dst = arena[p[1]:p[1] + p[2] * p[3]].reshape((p[2], p[3]))
+            if par:
+                global_avgpool_par(src, dst)
+            else:
+                global_avgpool_seq(src, dst)
+        elif code == ADD:  # p: a, b, out, size, relu
+            a, b, dst = arena[p[0]:p[0] + p[3]], arena[p[1]:p[1] + p[3]], arena[p[2]:p[2] + p[3]]
+            for q in range(p[3]):
+                v = a[q] + b[q]
+                dst[q] = v if p[4] == 0 or not v < 0.0 else v - v
+        elif code == RELU:  # p: in, out, size
+            src, dst = arena[p[0]:p[0] + p[2]], arena[p[1]:p[1] + p[2]]
+            for q in range(p[2]):
+                v = src[q]
+                dst[q] = v if not v < 0.0 else v - v
+        elif code == CNHW_TO_FEATURES:  # p: in, out, C, N, H*W  -> out[C*HW, N] (torch.flatten order)
+            n_chan, n_img, hw = p[2], p[3], p[4]
+            src = arena[p[0]:p[0] + n_chan * n_img * hw].reshape((n_chan, n_img, hw))
+            dst = arena[p[1]:p[1] + n_chan * n_img * hw].reshape((n_chan * hw, n_img))
+            for c in range(n_chan):
+                for n in range(n_img):
+                    for q in range(hw):
+                        dst[c * hw + q, n] = src[c, n, q]
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _dense_linear(weight, xt, out):
+    """out = weight @ xt through BLAS (layers kept dense because sparse would not pay)."""
+    out[:, :] = np.dot(weight, np.ascontiguousarray(xt))

@@ -1,0 +1,317 @@
+"""Compile a sparsified network into one execution plan (op table + arena) for `kernels.executor`.
+
+`SparseGraphModule` is the fused fx graph: a CPU float32 call whose every node the plan supports
+runs as one Numba call; anything else (CUDA, other dtypes, unsupported ops, dense convs) runs the
+graph eagerly, so the plan is never the reason a model fails. Plans are built per input shape on
+first use and cached; `plan_for(x)` exposes the one a call would use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import ops
+from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
+from .kernels import executor as ex
+from .modules import SparseConv2d, SparseLinear
+
+
+class Unsupported(Exception):
+    """The plan cannot express this graph; the caller runs it eagerly."""
+
+
+@dataclass
+class Plan:
+    ops: np.ndarray       # int64 [n_ops, 2 + N_PARAMS]
+    f32: np.ndarray       # float32 weights and biases
+    u32: np.ndarray       # uint32 index arrays
+    arena_size: int       # float32 elements of activations + scratch
+    output: tuple         # (offset, layout, shape): where the result lies in the arena
+    input_shape: tuple
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arena = np.empty(self.arena_size, dtype=np.float32)  # fresh per call: outputs may alias it
+        ex.run_plan(self.ops, arena, self.f32, self.u32, x.detach().contiguous().numpy().reshape(-1))
+        ops.CALLS["numba.plan"] += 1
+        offset, layout, shape = self.output
+        size = int(np.prod(shape))
+        out = torch.from_numpy(arena[offset:offset + size])
+        if layout == "features":  # [F, B] -> [B, F] view
+            return out.reshape(shape).t()
+        return out.reshape(shape).permute(1, 0, 2, 3)  # CNHW -> NCHW view
+
+
+class SparseGraphModule(torch.fx.GraphModule):
+    """The fused graph of a sparsified model; calls run through a compiled plan where possible.
+
+    Plan path: one CPU float32 tensor argument, no autograd, every node supported. It bypasses
+    forward hooks on this top-level module (hooks on submodules never fire in a plan either);
+    `plan_for(x)` tells whether a call would take it."""
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            plan = self.plan_for(args[0])
+            if plan is not None:
+                return plan(args[0])
+        return super().__call__(*args, **kwargs)
+
+    def plan_for(self, x):
+        """The plan a call with `x` would run, or None (eager)."""
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.dim() in (2, 4) and x.shape[0] > 0) or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        plans = self.__dict__.setdefault("_plans", {})
+        key = tuple(x.shape)
+        if key not in plans:
+            try:
+                plans[key] = build_plan(self, key)
+            except Unsupported:
+                plans[key] = None
+        return plans[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_plans"] = {}  # weights may have moved or changed dtype: rebuild on next call
+        return super()._apply(fn, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- builder
+class _Builder:
+    def __init__(self):
+        self.rows: list[list[int]] = []
+        self.f32: list[np.ndarray] = []
+        self.u32: list[np.ndarray] = []
+        self.n_f32 = 0
+        self.n_u32 = 0
+        self.arena = 0
+
+    def alloc(self, size: int) -> int:
+        offset = self.arena
+        self.arena += int(size) + 16  # small gap keeps buffers from sharing a cache line
+        return offset
+
+    def weights_f32(self, a) -> int:
+        a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+        offset = self.n_f32
+        self.f32.append(a)
+        self.n_f32 += a.size
+        return offset
+
+    def weights_u32(self, a) -> int:
+        a = np.ascontiguousarray(a).astype(np.uint32).reshape(-1)
+        offset = self.n_u32
+        self.u32.append(a)
+        self.n_u32 += a.size
+        return offset
+
+    def emit(self, code: int, work: int, *params: int):
+        if len(params) > ex.N_PARAMS:
+            raise AssertionError("op has more parameters than the table holds")
+        parallel = int(work >= ops.PARALLEL_MIN_WORK)
+        self.rows.append([code, parallel, *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
+
+
+def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
+    example = torch.zeros(input_shape)
+    ShapeProp(gm).propagate(example)
+    modules = dict(gm.named_modules())
+    b = _Builder()
+    buffers: dict[torch.fx.Node, tuple] = {}  # node -> (offset, layout, shape in that layout)
+    output = None
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op == "placeholder":
+            if buffers:
+                raise Unsupported("more than one input")
+            shape = tuple(input_shape)
+            if len(shape) == 4:
+                n, c, h, w = shape
+                off = b.alloc(n * c * h * w)
+                b.emit(ex.NCHW_TO_CNHW, 0, off, n, c, h, w)
+                buffers[node] = (off, "cnhw", (c, n, h, w))
+            else:
+                bs, f = shape
+                off = b.alloc(bs * f)
+                b.emit(ex.ROWS_TO_FEATURES, 0, off, bs, f)
+                buffers[node] = (off, "features", (f, bs))
+        elif node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, torch.fx.Node) or result not in buffers:
+                raise Unsupported("output is not a single tensor")
+            output = buffers[result]
+        elif node.op == "call_module":
+            buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
+        elif node.op in ("call_function", "call_method"):
+            buffers[node] = _lower_function(b, node, buffers, meta)
+        else:
+            raise Unsupported(f"node {node.op}")
+    if output is None:
+        raise Unsupported("no output")
+    return Plan(ops=np.array(b.rows, dtype=np.int64).reshape(-1, 2 + ex.N_PARAMS),
+                f32=np.concatenate(b.f32) if b.f32 else np.zeros(1, np.float32),
+                u32=np.concatenate(b.u32) if b.u32 else np.zeros(1, np.uint32),
+                arena_size=b.arena + 16, output=output, input_shape=tuple(input_shape))
+
+
+def _arg(node, buffers, i=0):
+    a = node.args[i] if i < len(node.args) else None
+    if not isinstance(a, torch.fx.Node) or a not in buffers:
+        raise Unsupported(f"{node.name}: argument {i} is not a planned tensor")
+    return buffers[a]
+
+
+def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
+    if isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Flatten) and m.start_dim == 1
+                                                      and _arg(node, buffers)[1] == "features"):
+        return _arg(node, buffers)
+    if isinstance(m, SparseConv2d):
+        return _lower_conv(b, m, node, buffers)
+    if isinstance(m, SparseLinear):
+        return _lower_linear(b, m, _arg(node, buffers), sparse=True)
+    if isinstance(m, nn.Linear) and not node.kwargs:
+        return _lower_linear(b, m, _arg(node, buffers), sparse=False)
+    if isinstance(m, nn.ReLU):
+        return _relu(b, _arg(node, buffers))
+    if isinstance(m, nn.MaxPool2d):
+        return _lower_maxpool(b, m, _arg(node, buffers))
+    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+        off_in, layout, (c, n, h, w) = _cnhw(_arg(node, buffers))
+        off = b.alloc(c * n)
+        b.emit(ex.GLOBAL_AVGPOOL, c * n * h * w, off_in, off, c, n, h * w)
+        return (off, "cnhw", (c, n, 1, 1))
+    if isinstance(m, nn.Flatten) and m.start_dim == 1:
+        return _flatten(b, _arg(node, buffers))
+    raise Unsupported(f"module {type(m).__name__}")
+
+
+def _lower_function(b: _Builder, node, buffers, meta):
+    target = node.target
+    if (node.op == "call_function" and target in _RELU_FUNCTIONS) or (node.op == "call_method" and target in
+                                                                          ("relu", "relu_")):
+        return _relu(b, _arg(node, buffers))
+    if node.op == "call_function" and target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+        a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
+        if a[1:] != c[1:]:
+            raise Unsupported("add of tensors with different shapes or layouts")
+        size = int(np.prod(a[2]))
+        off = b.alloc(size)
+        b.emit(ex.ADD, 0, a[0], c[0], off, size, 0)
+        return (off, a[1], a[2])
+    is_flatten = (node.op == "call_function" and target is torch.flatten) or (node.op == "call_method" and
+                                                                             target == "flatten")
+    if is_flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        if start != 1 or len(node.args) > 2 or set(node.kwargs) - {"start_dim"}:
+            raise Unsupported("flatten other than flatten(x, 1)")
+        return _flatten(b, _arg(node, buffers))
+    raise Unsupported(f"function {getattr(target, '__name__', target)}")
+
+
+def _cnhw(buf):
+    if buf[1] != "cnhw":
+        raise Unsupported("expected a 4-D activation")
+    return buf
+
+
+def _relu(b, buf):
+    size = int(np.prod(buf[2]))
+    off = b.alloc(size)
+    b.emit(ex.RELU, 0, buf[0], off, size)
+    return (off, buf[1], buf[2])
+
+
+def _flatten(b, buf):
+    if buf[1] == "features":
+        return buf
+    off_in, _, (c, n, h, w) = buf
+    if h * w == 1:  # CNHW with 1x1 pixels is already feature-major [C, N]
+        return (off_in, "features", (c, n))
+    off = b.alloc(c * n * h * w)
+    b.emit(ex.CNHW_TO_FEATURES, 0, off_in, off, c, n, h * w)
+    return (off, "features", (c * h * w, n))
+
+
+def _lower_maxpool(b, m: nn.MaxPool2d, buf):
+    off_in, _, (c, n, h, w) = _cnhw(buf)
+    k, s, p, d = (m.kernel_size, m.stride, m.padding, m.dilation)
+    if not all(isinstance(v, int) for v in (k, s, p, d)) or d != 1 or m.ceil_mode or m.return_indices:
+        raise Unsupported("maxpool other than square, dilation 1, floor mode")
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    off = b.alloc(c * n * out_h * out_w)
+    b.emit(ex.MAXPOOL, c * n * out_h * out_w * k * k, off_in, off, c, n, h, w, out_h, out_w, k, s, p)
+    return (off, "cnhw", (c, n, out_h, out_w))
+
+
+def _lower_linear(b, m, buf, sparse: bool):
+    if buf[1] != "features":
+        raise Unsupported("Linear on a 4-D activation")
+    off_in, _, (in_f, n_batch) = buf
+    weight_dtype = m.values.dtype if sparse else m.weight.dtype
+    if in_f != m.in_features or weight_dtype != torch.float32 or (sparse and m.backend == "torch"):
+        raise Unsupported("Linear input size, dtype or backend")
+    off = b.alloc(m.out_features * n_batch)
+    if not sparse:
+        w_off = b.weights_f32(m.weight.detach().numpy())
+        bias = b.weights_f32(m.bias.detach().numpy()) if m.bias is not None else -1
+        b.emit(ex.LINEAR_DENSE, 0, off_in, off, in_f, m.out_features, n_batch, 0, w_off, bias)
+        return (off, "features", (m.out_features, n_batch))
+    values = m.values.detach().numpy()
+    code = ex.LINEAR_BSR if m.format == "bsr" else ex.LINEAR_CSR
+    br, bc = m.block_shape
+    b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(m.relu),
+           b.weights_u32(m.indptr.numpy()), m.indptr.numel(), b.weights_u32(m.indices.numpy()), m.indices.numel(),
+           b.weights_f32(values), values.size, b.weights_f32(m.bias_or_zeros.detach().numpy()), br, bc)
+    return (off, "features", (m.out_features, n_batch))
+
+
+def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
+    if m.padding_mode != "zeros" or m.format != "csr" or m.values.dtype != torch.float32 or m.backend == "torch":
+        raise Unsupported("conv outside the numba kernel's scope")
+    off_in, _, (c, n, h, w) = _cnhw(_arg(node, buffers))
+    residual = node.kwargs.get("residual")
+    if set(node.kwargs) - {"residual"} or len(node.args) != 1:
+        raise Unsupported("conv call signature")
+    out_h, out_w, hq, wq = ops.conv_geometry(h, w, m.pads, m.stride, m.dilation, m.kernel_size)
+    out_shape = (m.out_channels, n, out_h, out_w)
+    res_off = -1
+    if residual is not None:
+        res = buffers.get(residual)
+        if res is None or res[1] != "cnhw" or tuple(res[2]) != out_shape:
+            raise Unsupported("residual shape differs from the conv output")
+        res_off = res[0]
+    off = b.alloc(int(np.prod(out_shape)))
+    if ops.uses_im2col(n, out_h, out_w):
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        rows, pixels = c * kh * kw, n * out_h * out_w
+        cols = b.alloc(rows * pixels)
+        b.emit(ex.IM2COL, m.nnz * pixels, off_in, cols, c, n, h, w, kh, kw, sh, sw, dh, dw, m.pads[0], m.pads[2],
+               out_h, out_w)
+        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
+               b.weights_u32(m.indptr.numpy()), b.weights_u32(m.indices.numpy()), m.nnz,
+               b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
+        return (off, "cnhw", out_shape)
+    max_off = m.max_dy * wq + m.max_dx
+    work = m.nnz * n * hq * wq
+    sh, sw = m.stride
+    if max_off == 0 and (sh, sw) == (1, 1) and m.pads == (0, 0, 0, 0):
+        xq_off, xq_rows, xq_len = off_in, c, n * h * w  # 1x1 conv reads the CNHW activation directly
+    else:
+        xq_rows, xq_len = c * sh * sw, n * hq * wq + max_off
+        xq_off = b.alloc(xq_rows * xq_len)
+        b.emit(ex.PACK, xq_rows * xq_len, off_in, xq_off, c, n, h, w, m.pads[0], m.pads[2], sh, sw, hq, wq, xq_len)
+    tile = min(ops.CONV_TILE_MAX, max(128, ops.CONV_TILE_L2 // xq_rows))
+    rows_per_tile = max(1, tile // wq)
+    threads = numba.config.NUMBA_NUM_THREADS
+    scratch = b.alloc(threads * rows_per_tile * wq)
+    taps = np.concatenate([m.tap_chan.numpy(), m.tap_dy.numpy(), m.tap_dx.numpy()])
+    b.emit(ex.CONV, work, xq_off, xq_rows, xq_len, off, *out_shape, res_off, int(m.relu), hq, wq, rows_per_tile,
+           scratch, threads, b.weights_u32(m.indptr.numpy()), b.weights_u32(taps), m.nnz,
+           b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
+    return (off, "cnhw", out_shape)
+
+
