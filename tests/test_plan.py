@@ -1,0 +1,212 @@
+"""Both conv algorithms, epilogue fusion, and the whole-network plan, each against dense torch."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import prune
+
+import sparsert
+from sparsert import ops
+from sparsert.fuse import fuse_epilogues
+from sparsert.modules import SparseConv2d, SparseLinear
+from sparsert.ops import CALLS
+
+CONV_CONFIGS = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "3x3-s2": dict(kernel_size=3, stride=2, padding=1),
+    "5x3-s(2,1)-d(1,2)": dict(kernel_size=(5, 3), stride=(2, 1), padding=(2, 2), dilation=(1, 2)),
+    "1x1-s2": dict(kernel_size=1, stride=2, bias=False),
+    "1x1": dict(kernel_size=1),
+    "7x7-s2": dict(kernel_size=7, stride=2, padding=3),
+    "depthwise": dict(kernel_size=3, padding=1, groups=8),
+    "grouped-same": dict(kernel_size=3, padding="same", groups=2),
+    "valid-4x4": dict(kernel_size=4, padding="valid"),
+}
+
+
+def _masked(module, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.weight.mul_((torch.rand(module.weight.shape, generator=g) < density).float())
+    return module
+
+
+@pytest.mark.parametrize("path", ["direct", "im2col"])
+@pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_paths_match_dense(monkeypatch, path, config, batch):
+    monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
+    torch.manual_seed(0)
+    conv = _masked(nn.Conv2d(8, 16, **CONV_CONFIGS[config]), 0.3)
+    layer = SparseConv2d.from_dense(conv)
+    x = torch.randn(batch, 8, 13, 11)
+    residual = torch.randn_like(conv(x))
+    name = "numba.im2col_conv" if path == "im2col" else "numba.sparse_conv"
+    before = CALLS[name]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        layer.relu = True  # fused epilogue: relu(conv(x) + residual)
+        torch.testing.assert_close(layer(x, residual=residual), torch.relu(conv(x) + residual), rtol=1e-5, atol=1e-5)
+    assert CALLS[name] == before + 2
+
+
+@pytest.mark.parametrize("path", ["direct", "im2col"])
+def test_conv_paths_on_channels_last_and_strided_input(monkeypatch, path):
+    monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
+    conv = _masked(nn.Conv2d(6, 5, 3, padding=1), 0.4)
+    layer = SparseConv2d.from_dense(conv)
+    base = torch.randn(2, 6, 10, 18)
+    for x in (base.to(memory_format=torch.channels_last), base[:, :, :, ::2], base.transpose(2, 3)):
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+def _pruned(model, amount=0.9, example=None):
+    if example is not None:
+        model.train()
+        with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really exercised
+            model(example)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            prune.l1_unstructured(m, "weight", amount)
+            prune.remove(m, "weight")
+    return model
+
+
+def test_fusion_puts_relu_and_residual_in_the_epilogue():
+    model = _pruned(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Block(8)),
+                    example=torch.randn(4, 3, 16, 16))
+    sparse = sparsert.sparsify(model)
+    assert isinstance(sparse, torch.fx.GraphModule)
+    assert sparse.get_submodule("0").relu and sparse.get_submodule("2.conv1").relu
+    conv2 = [n for n in sparse.graph.nodes if n.target == "2.conv2"][0]
+    assert "residual" in conv2.kwargs and sparse.get_submodule("2.conv2").relu
+    assert not any(n.op == "call_module" and isinstance(sparse.get_submodule(n.target), (nn.ReLU, nn.BatchNorm2d))
+                   for n in sparse.graph.nodes)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_broadcast_residual_is_not_fused_into_the_kernel():
+    class BiasAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("shift", torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + self.shift)
+
+    model = _pruned(BiasAdd(), 0.8)
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_called_twice_is_not_fused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))  # the ReLU follows only the first call
+
+    model = _pruned(Shared(), 0.8)
+    model.fc.bias.data.normal_()
+    sparse = sparsert.sparsify(model)
+    assert not sparse.get_submodule("fc").relu
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_keeps_untraceable_models_as_they_are():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -x  # data-dependent: fx cannot trace
+
+    model = Branchy()
+    with pytest.warns(UserWarning, match="could not trace"):
+        assert fuse_epilogues(model) is model
+
+
+def _models():
+    torch.manual_seed(0)
+    yield "resnet18", lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)
+    yield "cifar_resnet18", sparsert.models.cifar_resnet18, (3, 32, 32)
+    yield "mlp", lambda: sparsert.models.mlp((32, 64, 64, 10)), (32,)
+
+
+@pytest.mark.parametrize("name,factory,shape", list(_models()), ids=[m[0] for m in _models()])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_plan_runs_whole_network_and_matches_dense(name, factory, shape, batch):
+    torch.manual_seed(0)
+    model = factory()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, *shape))
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            prune.l1_unstructured(m, "weight", 0.95)
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(batch, *shape)
+    assert sparse.plan_for(x) is not None
+    before = CALLS["numba.plan"]
+    with torch.no_grad():
+        out = sparse(x)
+        ref = model(x)
+    assert CALLS["numba.plan"] == before + 1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_plan_falls_back_to_eager_where_it_cannot_run():
+    model = _pruned(nn.Sequential(nn.Linear(32, 64), nn.Sigmoid(), nn.Linear(64, 8)))
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(3, 32)
+    assert sparse.plan_for(x) is None  # Sigmoid is not a plan op
+    before = CALLS["numba.plan"]
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+    assert CALLS["numba.plan"] == before
+    assert sparse.plan_for(torch.randn(3, 32, dtype=torch.float64)) is None
+    assert sparse.plan_for(torch.randn(3, 32, requires_grad=True)) is None
+
+
+def test_plan_is_rebuilt_after_the_weights_move():
+    model = _pruned(sparsert.models.mlp((32, 64, 10)))
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(2, 32)
+    first = sparse.plan_for(x)
+    assert first is not None and sparse.plan_for(x) is first
+    sparse = sparse.to(torch.float64)
+    torch.testing.assert_close(sparse(x.double()), model.double()(x.double()), rtol=1e-9, atol=1e-9)
+    sparse = sparse.to(torch.float32)
+    assert sparse.plan_for(x) is not first
+    torch.testing.assert_close(sparse(x), model.float()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_relu_keeps_nan_like_torch():
+    lin = nn.Linear(4, 3)
+    layer = SparseLinear.from_dense(lin)
+    layer.relu = True
+    x = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])
+    assert torch.isnan(layer(x)).all() == torch.isnan(torch.relu(lin(x))).all()
