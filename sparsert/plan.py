@@ -7,6 +7,7 @@ first use and cached; `plan_for(x)` exposes the one a call would use.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -31,20 +32,33 @@ class Plan:
     ops: np.ndarray       # int64 [n_ops, 2 + N_PARAMS]
     f32: np.ndarray       # float32 weights and biases
     u32: np.ndarray       # uint32 index arrays
-    arena_size: int       # float32 elements of activations + scratch
+    arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness)
     output: tuple         # (offset, layout, shape): where the result lies in the arena
     input_shape: tuple
 
+    def __post_init__(self):
+        # One arena reused across calls: a fresh 100+ MB allocation per call cost more in page
+        # faults and zero-filling than the sparse arithmetic. A concurrent caller gets its own.
+        self._arena = None
+        self._lock = threading.Lock()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arena = np.empty(self.arena_size, dtype=np.float32)  # fresh per call: outputs may alias it
-        ex.run_plan(self.ops, arena, self.f32, self.u32, x.detach().contiguous().numpy().reshape(-1))
+        x_flat = x.detach().contiguous().numpy().reshape(-1)
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._arena is None:
+                    self._arena = np.empty(self.arena_size, dtype=np.float32)
+                return self._run(self._arena, x_flat)
+            finally:
+                self._lock.release()
+        return self._run(np.empty(self.arena_size, dtype=np.float32), x_flat)
+
+    def _run(self, arena, x_flat) -> torch.Tensor:
+        ex.run_plan(self.ops, arena, self.f32, self.u32, x_flat)
         ops.CALLS["numba.plan"] += 1
         offset, layout, shape = self.output
-        size = int(np.prod(shape))
-        out = torch.from_numpy(arena[offset:offset + size])
-        if layout == "features":  # [F, B] -> [B, F] view
-            return out.reshape(shape).t()
-        return out.reshape(shape).permute(1, 0, 2, 3)  # CNHW -> NCHW view
+        out = torch.from_numpy(arena[offset:offset + int(np.prod(shape))].copy()).reshape(shape)
+        return out.t() if layout == "features" else out.permute(1, 0, 2, 3)  # to [B, F] / NCHW views
 
 
 class SparseGraphModule(torch.fx.GraphModule):
@@ -89,11 +103,45 @@ class _Builder:
         self.n_f32 = 0
         self.n_u32 = 0
         self.arena = 0
+        self.free_blocks: list[tuple[int, int]] = []  # (offset, size), reusable arena ranges
+        self.sizes: dict[int, int] = {}
+        self.refs: dict[int, int] = {}                 # buffer offset -> pending readers
 
     def alloc(self, size: int) -> int:
+        """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
+        size = (int(size) + 15) // 16 * 16 + 16
+        for i, (offset, free) in enumerate(self.free_blocks):
+            if free >= size:
+                if free == size:
+                    self.free_blocks.pop(i)
+                else:
+                    self.free_blocks[i] = (offset + size, free - size)
+                self.sizes[offset] = size
+                return offset
         offset = self.arena
-        self.arena += int(size) + 16  # small gap keeps buffers from sharing a cache line
+        self.arena += size
+        self.sizes[offset] = size
         return offset
+
+    def free(self, offset: int) -> None:
+        self.free_blocks.append((offset, self.sizes.pop(offset)))
+        self.free_blocks.sort()
+        merged = []  # coalesce neighbours so large buffers can be reused later
+        for off, size in self.free_blocks:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((off, size))
+        self.free_blocks = merged
+
+    def hold(self, offset: int, readers: int) -> None:
+        self.refs[offset] = self.refs.get(offset, 0) + readers
+
+    def release(self, offset: int) -> None:
+        self.refs[offset] -= 1
+        if self.refs[offset] == 0:
+            del self.refs[offset]
+            self.free(offset)
 
     def weights_f32(self, a) -> int:
         a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
@@ -150,6 +198,11 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             buffers[node] = _lower_function(b, node, buffers, meta)
         else:
             raise Unsupported(f"node {node.op}")
+        if node.op != "output":
+            # Liveness: the buffer stays reserved until its last reader has been lowered.
+            b.hold(buffers[node][0], len(node.users))
+            for source in node.all_input_nodes:
+                b.release(buffers[source][0])
     if output is None:
         raise Unsupported("no output")
     return Plan(ops=np.array(b.rows, dtype=np.int64).reshape(-1, 2 + ex.N_PARAMS),
@@ -294,6 +347,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
                b.weights_u32(m.indptr.numpy()), b.weights_u32(m.indices.numpy()), m.nnz,
                b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
+        b.free(cols)
         return (off, "cnhw", out_shape)
     max_off = m.max_dy * wq + m.max_dx
     work = m.nnz * n * hq * wq
@@ -312,6 +366,9 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     b.emit(ex.CONV, work, xq_off, xq_rows, xq_len, off, *out_shape, res_off, int(m.relu), hq, wq, rows_per_tile,
            scratch, threads, b.weights_u32(m.indptr.numpy()), b.weights_u32(taps), m.nnz,
            b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
+    b.free(scratch)
+    if xq_off != off_in:
+        b.free(xq_off)
     return (off, "cnhw", out_shape)
 
 
