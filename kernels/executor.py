@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import FASTMATH, OPTIONS, twin
-from .conv import im2col_par, im2col_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
+from .conv import gather_columns_par, gather_columns_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_par, csr_spmm_seq
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
@@ -86,13 +86,14 @@ def run_plan(ops, arena, f32, u32, x):
                     dst[f, b] = src[b, f]
         elif code == PACK:  # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len
             n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
-            src = arena[p[0]:p[0] + n_chan * n_img * height * width].reshape((n_chan, n_img, height, width))
+            src = arena[p[0]:p[0] + n_chan * n_img * height * width]
+            strides = np.array([height * width, n_img * height * width, width, 1])  # CNHW read as (n, c, h, w)
             rows = n_chan * p[8] * p[9]
             dst = arena[p[1]:p[1] + rows * p[12]].reshape((rows, p[12]))
             if par:
-                pack_input_par(src.transpose((1, 0, 2, 3)), p[6], p[7], p[8], p[9], p[10], p[11], dst)
+                pack_input_par(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
             else:
-                pack_input_seq(src.transpose((1, 0, 2, 3)), p[6], p[7], p[8], p[9], p[10], p[11], dst)
+                pack_input_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
         elif code == CONV:
             # p: xq, xq_rows, xq_len, out, Cout, N, OH, OW, residual (-1: none), relu, hq, wq,
             #    rows_per_tile, scratch, scratch_rows, indptr, taps(chan|dy|dx), nnz, values, bias
@@ -113,18 +114,14 @@ def run_plan(ops, arena, f32, u32, x):
             else:
                 sparse_conv_seq(indptr, chan, dy, dx, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0,
                                 p[12], scratch, out)
-        elif code == IM2COL:  # p: in, out, C, N, H, W, kh, kw, sh, sw, dh, dw, pad_t, pad_l, OH, OW
-            n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
-            src = arena[p[0]:p[0] + n_chan * n_img * height * width]
-            strides = np.array([height * width, n_img * height * width, width])  # CNHW buffer as (n, c, h)
-            rows, pixels = n_chan * p[6] * p[7], n_img * p[14] * p[15]
-            dst = arena[p[1]:p[1] + rows * pixels]
+        elif code == IM2COL:  # p: planes, planes_len, out, C, taps, P, table (u32 offset)
+            planes = arena[p[0]:p[0] + p[3] * p[1]].reshape((p[3], p[1]))
+            cols = arena[p[2]:p[2] + p[3] * p[4] * p[5]].reshape((p[3] * p[4], p[5]))
+            table = u32[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5]))
             if par:
-                im2col_par(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], p[12],
-                           p[13], p[14], p[15], dst)
+                gather_columns_par(planes, table, cols)
             else:
-                im2col_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], p[12],
-                           p[13], p[14], p[15], dst)
+                gather_columns_seq(planes, table, cols)
         elif code == CONV_GEMM:
             # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias
             cols = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import ops
 from .formats import BSR, CSR, choose_format
+from .kernels import im2col_table
 
 
 def _pair(v) -> tuple[int, int]:
@@ -218,6 +219,15 @@ class SparseConv2d(_SparseBase):
         self.register_buffer("tap_dx", torch.from_numpy((ox // sw).astype(np.int32)), persistent=False)
         self.max_dy = int(oy.max() // sh) if len(cols) else 0
         self.max_dx = int(ox.max() // sw) if len(cols) else 0
+
+    def im2col_table(self, n_img, padded_h, padded_w, out_h, out_w) -> np.ndarray:
+        """Gather table for the im2col path (kernels.im2col_table), cached per input geometry."""
+        key = (n_img, padded_h, padded_w)
+        cache = self.__dict__.setdefault("_im2col_tables", {})
+        if key not in cache:
+            cache[key] = im2col_table(n_img, padded_h, padded_w, out_h, out_w, self.kernel_size, self.stride,
+                                      self.dilation)
+        return cache[key]
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, backend: str = "auto", layer_name: str | None = None

@@ -23,10 +23,10 @@ CALLS: Counter = Counter()
 
 # Below this many multiply-adds a parallel launch costs more than it saves (measured, bench/RESULTS.md).
 PARALLEL_MIN_WORK = 32_768
-# Output-grid floats one conv work item accumulates: about CONV_TILE_MAX (2 KB), so the tile and the
-# input slices it reads stay in L1 (A/B: 256-1024 beat 4096 by ~1.5x), and small enough that the
-# tile's slice of all packed input channels (~CONV_TILE_L2 floats) stays in L2.
-CONV_TILE_MAX = 512
+# Output-grid floats one conv work item accumulates: CONV_TILE_MAX (8 KB, in L1) unless the tile's
+# slice of all packed input channels (~CONV_TILE_L2 floats) would overflow L2. Per-op timings of
+# CIFAR ResNet18 at batch 64: 2048 beat 512 by 1.5x (per-tile zeroing and epilogue amortised).
+CONV_TILE_MAX = 2048
 CONV_TILE_L2 = 256 * 1024
 
 
@@ -146,13 +146,16 @@ def conv_geometry(height, width, pads, stride, dilation, kernel_size):
     return out_h, out_w, hq, wq
 
 
-# Feature maps up to this many output pixels (N*OH*OW) run as im2col + CSR SpMM: the direct kernel's
-# padded grid wastes up to 56% there and its short rows cost more per nonzero (A/B in bench/RESULTS.md).
-IM2COL_MAX_PIXELS = 1024
+# im2col + CSR SpMM beats the direct kernel on small outputs (short rows cost more per nonzero)
+# and where the direct kernel's padded grid is mostly waste (4x4 maps under 3x3 taps: 36 vs 16).
+# Thresholds from per-op timings of CIFAR ResNet18 plans at batch 1 and 64 (bench/RESULTS.md).
+IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_GRID_WASTE = 2.0
 
 
-def uses_im2col(n_img: int, out_h: int, out_w: int) -> bool:
-    return n_img * out_h * out_w <= IM2COL_MAX_PIXELS
+def uses_im2col(n_img: int, out_h: int, out_w: int, hq: int = 0, wq: int = 0) -> bool:
+    pixels = n_img * out_h * out_w
+    return pixels <= IM2COL_MAX_PIXELS or hq * wq >= IM2COL_MIN_GRID_WASTE * out_h * out_w
 
 
 def conv2d_numba(x, layer, residual=None, relu=False):
@@ -166,7 +169,7 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     out = torch.empty(layer.out_channels, n_img, out_h, out_w, dtype=x.dtype)
     if n_img == 0:
         return out.permute(1, 0, 2, 3)
-    if uses_im2col(n_img, out_h, out_w):
+    if uses_im2col(n_img, out_h, out_w, hq, wq):
         return _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w)
     max_off = layer.max_dy * wq + layer.max_dx
     work = layer.nnz * n_img * hq * wq
@@ -177,7 +180,8 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     else:
         xq = torch.empty(x.shape[1] * stride[0] * stride[1], n_img * hq * wq + max_off, dtype=x.dtype)
         pack = kernels.pack_input_par if par else kernels.pack_input_seq
-        pack(x.detach().numpy(), pads[0], pads[2], stride[0], stride[1], hq, wq, xq.numpy())
+        flat, strides = flat_with_strides(x)
+        pack(flat, strides, *x.shape, pads[0], pads[2], stride[0], stride[1], hq, wq, xq.numpy())
     tile = min(CONV_TILE_MAX, max(128, CONV_TILE_L2 // xq.shape[0]))
     rows_per_tile = max(1, tile // wq)
     # get_thread_id() can reach the pool size even after numba.set_num_threads() lowered the count
@@ -193,26 +197,29 @@ def conv2d_numba(x, layer, residual=None, relu=False):
 
 
 def flat_with_strides(x: torch.Tensor):
-    """(flat array over x's storage span, element strides (n, c, h)) with unit width stride;
-    copies only when the width axis is not contiguous."""
-    if x.stride(3) != 1:
-        x = x.contiguous()
+    """(flat NumPy array spanning x's storage from its first element, element strides (n, c, h, w)):
+    lets the pack kernel read NCHW, CNHW, channels_last or sliced inputs without a copy."""
     x = x.detach()
-    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
+    if any(st < 0 for st in x.stride()):
+        x = x.contiguous()
+    span = 1 + sum((size - 1) * st for size, st in zip(x.shape, x.stride())) if x.numel() else 1
     flat = torch.as_strided(x, (span,), (1,)).numpy()
-    return flat, np.array(x.stride()[:3], dtype=np.int64)
+    return flat, np.array(x.stride(), dtype=np.int64)
 
 
 def _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w):
-    n_img, n_chan = x.shape[0], x.shape[1]
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    n_img, n_chan, height, width = x.shape
+    pad_t, pad_b, pad_l, pad_r = layer.pads
+    padded_h, padded_w = height + pad_t + pad_b, width + pad_l + pad_r
     pixels = n_img * out_h * out_w
-    cols = torch.empty(n_chan * kh * kw, pixels, dtype=x.dtype)
     par = _parallel(layer.nnz * pixels)
+    planes = torch.empty(n_chan, n_img * padded_h * padded_w, dtype=x.dtype)
     flat, strides = flat_with_strides(x)
-    (kernels.im2col_par if par else kernels.im2col_seq)(
-        flat, strides, n_img, n_chan, x.shape[2], x.shape[3], kh, kw, sh, sw, dh, dw, layer.pads[0], layer.pads[2],
-        out_h, out_w, cols.numpy().reshape(-1))
+    (kernels.pack_input_par if par else kernels.pack_input_seq)(
+        flat, strides, *x.shape, pad_t, pad_l, 1, 1, padded_h, padded_w, planes.numpy())
+    table = layer.im2col_table(n_img, padded_h, padded_w, out_h, out_w)
+    cols = torch.empty(table.shape[0] * n_chan, pixels, dtype=x.dtype)
+    (kernels.gather_columns_par if par else kernels.gather_columns_seq)(planes.numpy(), table, cols.numpy())
     indptr, indices, _, _, _, values, bias = layer.numba_arrays()
     out2d = out.view(layer.out_channels, pixels)
     has_residual = residual is not None

@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import ops
+from . import kernels, ops
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
 from .modules import SparseConv2d, SparseLinear
@@ -338,15 +338,20 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
             raise Unsupported("residual shape differs from the conv output")
         res_off = res[0]
     off = b.alloc(int(np.prod(out_shape)))
-    if ops.uses_im2col(n, out_h, out_w):
-        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        rows, pixels = c * kh * kw, n * out_h * out_w
-        cols = b.alloc(rows * pixels)
-        b.emit(ex.IM2COL, m.nnz * pixels, off_in, cols, c, n, h, w, kh, kw, sh, sw, dh, dw, m.pads[0], m.pads[2],
-               out_h, out_w)
-        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
+    if ops.uses_im2col(n, out_h, out_w, hq, wq):
+        pad_t, pad_b, pad_l, pad_r = m.pads
+        padded_h, padded_w = h + pad_t + pad_b, w + pad_l + pad_r
+        planes_len = n * padded_h * padded_w
+        table = kernels.im2col_table(n, padded_h, padded_w, out_h, out_w, m.kernel_size, m.stride, m.dilation)
+        taps, pixels = table.shape
+        planes, cols = b.alloc(c * planes_len), b.alloc(c * taps * pixels)
+        b.emit(ex.PACK, c * planes_len, off_in, planes, c, n, h, w, pad_t, pad_l, 1, 1, padded_h, padded_w,
+               planes_len)
+        b.emit(ex.IM2COL, c * taps * pixels, planes, planes_len, cols, c, taps, pixels, b.weights_u32(table))
+        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, c * taps, pixels, off, m.out_channels, res_off, int(m.relu),
                b.weights_u32(m.indptr.numpy()), b.weights_u32(m.indices.numpy()), m.nnz,
                b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
+        b.free(planes)
         b.free(cols)
         return (off, "cnhw", out_shape)
     max_off = m.max_dy * wq + m.max_dx

@@ -31,11 +31,17 @@ def _masked(module, density, seed=0):
     return module
 
 
+def force(monkeypatch, path):
+    """Make every conv take one algorithm, whatever its size."""
+    monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
+    monkeypatch.setattr(ops, "IM2COL_MIN_GRID_WASTE", 0.0 if path == "im2col" else float("inf"))
+
+
 @pytest.mark.parametrize("path", ["direct", "im2col"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv_paths_match_dense(monkeypatch, path, config, batch):
-    monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
+    force(monkeypatch, path)
     torch.manual_seed(0)
     conv = _masked(nn.Conv2d(8, 16, **CONV_CONFIGS[config]), 0.3)
     layer = SparseConv2d.from_dense(conv)
@@ -52,7 +58,7 @@ def test_conv_paths_match_dense(monkeypatch, path, config, batch):
 
 @pytest.mark.parametrize("path", ["direct", "im2col"])
 def test_conv_paths_on_channels_last_and_strided_input(monkeypatch, path):
-    monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
+    force(monkeypatch, path)
     conv = _masked(nn.Conv2d(6, 5, 3, padding=1), 0.4)
     layer = SparseConv2d.from_dense(conv)
     base = torch.randn(2, 6, 10, 18)
