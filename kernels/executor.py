@@ -17,7 +17,7 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, 
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR, LINEAR_DENSE = 1, 2, 3, 4, 5, 6, 7
-MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM = 8, 9, 10, 11, 12, 13, 14
+MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, DENSE_CONV_GEMM = 8, 9, 10, 11, 12, 13, 14, 15
 N_PARAMS = 24
 
 
@@ -134,6 +134,12 @@ def run_plan(ops, arena, f32, u32, x):
                 csr_spmm_par(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out)
             else:
                 csr_spmm_seq(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out)
+        elif code == DENSE_CONV_GEMM:  # p: cols, rows, pixels, out, Cout, relu, weight, bias (-1: none)
+            cols = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
+            out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
+            weight = f32[p[6]:p[6] + p[4] * p[1]].reshape((p[4], p[1]))
+            _dense_linear(weight, cols, out)
+            _bias_relu(out, f32, p[7], p[5] != 0)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc
             n_batch = p[4]
@@ -162,11 +168,7 @@ def run_plan(ops, arena, f32, u32, x):
             out = arena[p[1]:p[1] + p[3] * n_batch].reshape((p[3], n_batch))
             weight = f32[p[6]:p[6] + p[3] * p[2]].reshape((p[3], p[2]))
             _dense_linear(weight, xt, out)
-            for o in range(p[3]):
-                b = f32[p[7] + o] if p[7] >= 0 else np.float32(0.0)
-                for j in range(n_batch):
-                    v = out[o, j] + b
-                    out[o, j] = v if p[5] == 0 or not v < 0.0 else v - v
+            _bias_relu(out, f32, p[7], p[5] != 0)
         elif code == MAXPOOL:  # p: in, out, C, N, H, W, OH, OW, kernel, stride, pad
             src = arena[p[0]:p[0] + p[2] * p[3] * p[4] * p[5]].reshape((p[2], p[3], p[4], p[5]))
             dst = arena[p[1]:p[1] + p[2] * p[3] * p[6] * p[7]].reshape((p[2], p[3], p[6], p[7]))
@@ -205,3 +207,14 @@ def run_plan(ops, arena, f32, u32, x):
 def _dense_linear(weight, xt, out):
     """out = weight @ xt through BLAS (layers kept dense because sparse would not pay)."""
     out[:, :] = np.dot(weight, np.ascontiguousarray(xt))
+
+
+@njit(**OPTIONS)
+def _bias_relu(out, f32, bias_offset, relu):
+    """out[o, :] += f32[bias_offset + o] (when bias_offset >= 0), then optional ReLU."""
+    for o in range(out.shape[0]):
+        b = f32[bias_offset + o] if bias_offset >= 0 else np.float32(0.0)
+        row = out[o]
+        for j in range(row.shape[0]):
+            v = row[j] + b
+            row[j] = v if not relu or not v < 0.0 else v - v

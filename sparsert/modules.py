@@ -196,13 +196,7 @@ class SparseConv2d(_SparseBase):
         return self._explicit_pads()
 
     def _explicit_pads(self):
-        if self.padding == "valid":
-            return (0, 0, 0, 0)
-        if self.padding == "same":  # nn.Conv2d puts the odd extra pixel at the bottom/right
-            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
-        ph, pw = self.padding
-        return (ph, ph, pw, pw)
+        return explicit_pads(self.padding, self.kernel_size, self.dilation)
 
     def _decode_taps(self):
         """Per nonzero: packed-input channel (input channel x stride phase) and tap offset (dy, dx)."""
@@ -285,6 +279,18 @@ class SparseConv2d(_SparseBase):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={pad}, dilation={self.dilation}, groups={self.groups}, bias={self.has_bias}, "
                 f"{self._summary()}" + (", relu=True" if self.relu else ""))
+
+
+def explicit_pads(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """nn.Conv2d padding (int, pair, 'same', 'valid') as (top, bottom, left, right)."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+    if padding == "same":  # nn.Conv2d puts the odd extra pixel at the bottom/right
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+    ph, pw = _pair(padding)
+    return (ph, ph, pw, pw)
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import kernels, ops
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
-from .modules import SparseConv2d, SparseLinear
+from .modules import SparseConv2d, SparseLinear, block_diagonal, explicit_pads
 
 
 class Unsupported(Exception):
@@ -226,6 +226,8 @@ def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
         return _lower_conv(b, m, node, buffers)
     if isinstance(m, SparseLinear):
         return _lower_linear(b, m, _arg(node, buffers), sparse=True)
+    if type(m) is nn.Conv2d and not node.kwargs:
+        return _lower_dense_conv(b, m, _arg(node, buffers))
     if isinstance(m, nn.Linear) and not node.kwargs:
         return _lower_linear(b, m, _arg(node, buffers), sparse=False)
     if isinstance(m, nn.ReLU):
@@ -320,6 +322,29 @@ def _lower_linear(b, m, buf, sparse: bool):
            b.weights_u32(m.indptr.numpy()), m.indptr.numel(), b.weights_u32(m.indices.numpy()), m.indices.numel(),
            b.weights_f32(values), values.size, b.weights_f32(m.bias_or_zeros.detach().numpy()), br, bc)
     return (off, "features", (m.out_features, n_batch))
+
+
+def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
+    """A conv kept dense (sparse would not pay): pack + gather columns + BLAS GEMM."""
+    if m.padding_mode != "zeros" or m.weight.dtype != torch.float32:
+        raise Unsupported("dense conv with non-zero padding mode or dtype")
+    off_in, _, (c, n, h, w) = _cnhw(buf)
+    pad_t, pad_b, pad_l, pad_r = explicit_pads(m.padding, m.kernel_size, m.dilation)
+    out_h, out_w, _, _ = ops.conv_geometry(h, w, (pad_t, pad_b, pad_l, pad_r), m.stride, m.dilation, m.kernel_size)
+    padded_h, padded_w = h + pad_t + pad_b, w + pad_l + pad_r
+    planes_len = n * padded_h * padded_w
+    table = kernels.im2col_table(n, padded_h, padded_w, out_h, out_w, m.kernel_size, m.stride, m.dilation)
+    taps, pixels = table.shape
+    planes, cols = b.alloc(c * planes_len), b.alloc(c * taps * pixels)
+    out = b.alloc(m.out_channels * pixels)
+    b.emit(ex.PACK, c * planes_len, off_in, planes, c, n, h, w, pad_t, pad_l, 1, 1, padded_h, padded_w, planes_len)
+    b.emit(ex.IM2COL, c * taps * pixels, planes, planes_len, cols, c, taps, pixels, b.weights_u32(table))
+    weight = block_diagonal(m.weight.detach().float(), m.groups).numpy()
+    bias = b.weights_f32(m.bias.detach().numpy()) if m.bias is not None else -1
+    b.emit(ex.DENSE_CONV_GEMM, 0, cols, c * taps, pixels, out, m.out_channels, 0, b.weights_f32(weight), bias)
+    b.free(planes)
+    b.free(cols)
+    return (out, "cnhw", (m.out_channels, n, out_h, out_w))
 
 
 def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):

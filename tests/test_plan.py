@@ -216,3 +216,16 @@ def test_relu_keeps_nan_like_torch():
     layer.relu = True
     x = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])
     assert torch.isnan(layer(x)).all() == torch.isnan(torch.relu(lin(x))).all()
+
+
+def test_plan_runs_layers_kept_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 7 * 7, 10)).eval()
+    for m in (model[0], model[5]):
+        prune.l1_unstructured(m, "weight", 0.9)
+    sparse = sparsert.sparsify(model)  # model[2] stays dense: it was not pruned
+    assert isinstance(sparse.get_submodule("2"), nn.Conv2d)
+    x = torch.randn(2, 3, 16, 16)
+    assert sparse.plan_for(x) is not None
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
