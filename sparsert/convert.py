@@ -1,6 +1,8 @@
 """Conversion: fold BatchNorm, swap eligible Linear/Conv2d layers for sparse ones, report per layer."""
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 
 import torch
@@ -22,14 +24,17 @@ _READS_CHILD_WEIGHTS = (nn.MultiheadAttention,)
 
 def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
              min_sparsity: float = DEFAULT_MIN_SPARSITY, format: str = "auto", fold_bn: bool = True,
-             fuse: bool = True) -> nn.Module:
+             fuse: bool = True, example_inputs=None) -> nn.Module:
     """Return an eval-mode copy of `model` with its sparse-enough Linear/Conv2d layers on sparse weights.
 
     Prune reparametrizations are baked in first; BatchNorm after a conv is folded into it where exact
     (eval mode, conv output used only by the BN). Layers below `min_sparsity` stay dense, as do
     layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj).
     With `fuse`, ReLUs and residual adds after sparse layers run in the kernels' epilogues, and the
-    result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse)."""
+    result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse).
+    With `example_inputs` (a tensor, or a tuple of positional arguments), each candidate layer is
+    timed dense and sparse on the input it receives there, and stays dense unless sparse is
+    faster at that batch size; the timings land on each layer as `.measured`."""
     ops.check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
@@ -41,17 +46,56 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
         fold_batchnorm(model)
     protected = {id(child) for parent in model.modules() if isinstance(parent, _READS_CHILD_WEIGHTS)
                  for child in parent.children()}
-    for name, module in list(model.named_modules()):
-        if id(module) in protected or not _eligible(module):
-            continue
-        if weight_sparsity(module.weight) < min_sparsity:
-            continue
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if id(module) not in protected and _eligible(module) and weight_sparsity(module.weight) >= min_sparsity]
+    layer_inputs = _capture_inputs(model, [m for _, m in candidates], example_inputs) if example_inputs is not None \
+        else {}
+    for name, module in candidates:
         if isinstance(module, nn.Conv2d):
             sparse = SparseConv2d.from_dense(module, backend=backend, layer_name=name)
         else:
             sparse = SparseLinear.from_dense(module, backend=backend, format=format, layer_name=name)
+        if id(module) in layer_inputs:
+            dense_ms, sparse_ms = _time_pair(module, sparse, layer_inputs[id(module)])
+            sparse.measured = dict(dense_ms=dense_ms, sparse_ms=sparse_ms)
+            if sparse_ms >= dense_ms:
+                module.measured = sparse.measured  # kept dense: sparse would not pay at this batch size
+                continue
         _set_submodule(model, name, sparse)
     return fuse_epilogues(model) if fuse else model
+
+
+def _capture_inputs(model: nn.Module, modules: list[nn.Module], example_inputs) -> dict[int, torch.Tensor]:
+    """The first input each of `modules` receives in one forward pass of `example_inputs`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(module, args):
+        seen.setdefault(id(module), args[0].detach())
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int = 7) -> tuple[float, float]:
+    """Median ms of dense(x) and sparse(x), interleaved so both see the same machine state."""
+    dense_times, sparse_times = [], []
+    with torch.no_grad():
+        dense(x), sparse(x)  # warm-up (first call compiles or caches)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dense(x)
+            t1 = time.perf_counter()
+            sparse(x)
+            t2 = time.perf_counter()
+            dense_times.append(t1 - t0)
+            sparse_times.append(t2 - t1)
+    return statistics.median(dense_times) * 1e3, statistics.median(sparse_times) * 1e3
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -229,3 +229,20 @@ def test_plan_runs_layers_kept_dense():
     x = torch.randn(2, 3, 16, 16)
     assert sparse.plan_for(x) is not None
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_measured_decision_keeps_layers_dense_when_sparse_is_slower(monkeypatch):
+    from sparsert import convert
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    for m in (model[0], model[2]):
+        prune.l1_unstructured(m, "weight", 0.9)
+    # Timing is the machine's business; the decision logic is ours: make layer "2" lose.
+    monkeypatch.setattr(convert, "_time_pair",
+                        lambda dense, sparse, x: (1.0, 2.0) if sparse.layer_name == "2" else (2.0, 1.0))
+    x = torch.randn(4, 64)
+    sparse = sparsert.sparsify(model, example_inputs=x)
+    assert isinstance(sparse.get_submodule("0"), SparseLinear)
+    assert type(sparse.get_submodule("2")) is nn.Linear
+    assert sparse.get_submodule("0").measured == dict(dense_ms=2.0, sparse_ms=1.0)
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
