@@ -61,6 +61,8 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
             if sparse_ms >= dense_ms:
                 module.measured = sparse.measured  # kept dense: sparse would not pay at this batch size
                 continue
+        if not name:  # the model is itself one eligible layer
+            return sparse
         _set_submodule(model, name, sparse)
     return fuse_epilogues(model) if fuse else model
 

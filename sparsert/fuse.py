@@ -30,7 +30,10 @@ class SparseTracer(torch.fx.Tracer):
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     from .plan import SparseGraphModule  # the graph's runner; plan imports this module's patterns
     graph = SparseTracer().trace(model)
-    return SparseGraphModule(model, graph, class_name=type(model).__name__)
+    gm = SparseGraphModule(model, graph, class_name=type(model).__name__)
+    if hasattr(model, "_sparsert_arch"):  # the architecture spec io.save records (set by arch.build)
+        gm._sparsert_arch = model._sparsert_arch
+    return gm
 
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:

@@ -7,6 +7,8 @@ first use and cached; `plan_for(x)` exposes the one a call would use.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 from dataclasses import dataclass
 
@@ -84,8 +86,11 @@ class SparseGraphModule(torch.fx.GraphModule):
         key = tuple(x.shape)
         if key not in plans:
             try:
-                plans[key] = build_plan(self, key)
-            except Unsupported:
+                # ShapeProp prints a traceback for inputs the model rejects; the eager call that
+                # follows raises the layer's own clear error instead.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    plans[key] = build_plan(self, key)
+            except Exception:  # Unsupported, or an input the model rejects: run eagerly
                 plans[key] = None
         return plans[key]
 

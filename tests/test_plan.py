@@ -246,3 +246,20 @@ def test_measured_decision_keeps_layers_dense_when_sparse_is_slower(monkeypatch)
     assert type(sparse.get_submodule("2")) is nn.Linear
     assert sparse.get_submodule("0").measured == dict(dense_ms=2.0, sparse_ms=1.0)
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bare_layer_is_converted():
+    lin = nn.Linear(32, 16)
+    prune.l1_unstructured(lin, "weight", 0.9)
+    sparse = sparsert.sparsify(lin)
+    assert isinstance(sparse, SparseLinear)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(sparse(x), lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_input_shape_raises_the_layer_error_quietly(capsys):
+    model = _pruned(sparsert.models.mlp((64, 32, 10)))
+    sparse = sparsert.sparsify(model)
+    with pytest.raises(ValueError, match=r"input has 48 features, layer expects 64"):
+        sparse(torch.randn(2, 48))
+    assert "Traceback" not in capsys.readouterr().err
