@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import kernels, ops
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
+from .formats import CSR
 from .modules import SparseConv2d, SparseLinear, block_diagonal, explicit_pads
 
 
@@ -307,32 +308,44 @@ def _lower_maxpool(b, m: nn.MaxPool2d, buf):
     return (off, "cnhw", (c, n, out_h, out_w))
 
 
+# Layers kept dense run inside the plan on the CSR kernels with every weight stored: BLAS calls from
+# Numba bring their own thread pools, which stalled ours 50x on a busy 2-core machine. Past this
+# size MKL's dense kernels win by more than the plan saves, so such models run eagerly.
+PLAN_MAX_DENSE_WEIGHTS = 1 << 20
+
+
+def _dense_as_csr(module) -> CSR:
+    if module.weight.numel() > PLAN_MAX_DENSE_WEIGHTS or module.weight.dtype != torch.float32:
+        raise Unsupported("large or non-float32 dense layer")
+    weight = module.weight.detach()
+    return CSR.from_dense(block_diagonal(weight, module.groups) if isinstance(module, nn.Conv2d) else weight)
+
+
 def _lower_linear(b, m, buf, sparse: bool):
     if buf[1] != "features":
         raise Unsupported("Linear on a 4-D activation")
     off_in, _, (in_f, n_batch) = buf
-    weight_dtype = m.values.dtype if sparse else m.weight.dtype
-    if in_f != m.in_features or weight_dtype != torch.float32 or (sparse and m.backend == "torch"):
+    if in_f != m.in_features or (sparse and (m.values.dtype != torch.float32 or m.backend == "torch")):
         raise Unsupported("Linear input size, dtype or backend")
     off = b.alloc(m.out_features * n_batch)
-    if not sparse:
-        w_off = b.weights_f32(m.weight.detach().numpy())
-        bias = b.weights_f32(m.bias.detach().numpy()) if m.bias is not None else -1
-        b.emit(ex.LINEAR_DENSE, 0, off_in, off, in_f, m.out_features, n_batch, 0, w_off, bias)
-        return (off, "features", (m.out_features, n_batch))
-    values = m.values.detach().numpy()
-    code = ex.LINEAR_BSR if m.format == "bsr" else ex.LINEAR_CSR
-    br, bc = m.block_shape
-    b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(m.relu),
-           b.weights_u32(m.indptr.numpy()), m.indptr.numel(), b.weights_u32(m.indices.numpy()), m.indices.numel(),
-           b.weights_f32(values), values.size, b.weights_f32(m.bias_or_zeros.detach().numpy()), br, bc)
+    if sparse:
+        values, indptr, indices = m.values.detach().numpy(), m.indptr.numpy(), m.indices.numpy()
+        bias, relu, code, (br, bc) = m.bias_or_zeros.detach().numpy(), m.relu, \
+            (ex.LINEAR_BSR if m.format == "bsr" else ex.LINEAR_CSR), m.block_shape
+    else:
+        fmt = _dense_as_csr(m)
+        values, indptr, indices, (br, bc), relu, code = fmt.data, fmt.indptr, fmt.indices, (1, 1), False, ex.LINEAR_CSR
+        bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)
+    b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),
+           b.weights_u32(indptr), indptr.size, b.weights_u32(indices), indices.size,
+           b.weights_f32(values), values.size, b.weights_f32(bias), br, bc)
     return (off, "features", (m.out_features, n_batch))
 
 
 def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
-    """A conv kept dense (sparse would not pay): pack + gather columns + BLAS GEMM."""
-    if m.padding_mode != "zeros" or m.weight.dtype != torch.float32:
-        raise Unsupported("dense conv with non-zero padding mode or dtype")
+    """A conv kept dense (sparse would not pay): pack + gather columns + SpMM with every weight stored."""
+    if m.padding_mode != "zeros":
+        raise Unsupported("dense conv with a padding mode other than zeros")
     off_in, _, (c, n, h, w) = _cnhw(buf)
     pad_t, pad_b, pad_l, pad_r = explicit_pads(m.padding, m.kernel_size, m.dilation)
     out_h, out_w, _, _ = ops.conv_geometry(h, w, (pad_t, pad_b, pad_l, pad_r), m.stride, m.dilation, m.kernel_size)
@@ -344,9 +357,11 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     out = b.alloc(m.out_channels * pixels)
     b.emit(ex.PACK, c * planes_len, off_in, planes, c, n, h, w, pad_t, pad_l, 1, 1, padded_h, padded_w, planes_len)
     b.emit(ex.IM2COL, c * taps * pixels, planes, planes_len, cols, c, taps, pixels, b.weights_u32(table))
-    weight = block_diagonal(m.weight.detach().float(), m.groups).numpy()
-    bias = b.weights_f32(m.bias.detach().numpy()) if m.bias is not None else -1
-    b.emit(ex.DENSE_CONV_GEMM, 0, cols, c * taps, pixels, out, m.out_channels, 0, b.weights_f32(weight), bias)
+    fmt = _dense_as_csr(m)
+    bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
+    b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, c * taps, pixels, out, m.out_channels, -1, 0,
+           b.weights_u32(fmt.indptr), b.weights_u32(fmt.indices), fmt.nnz, b.weights_f32(fmt.data),
+           b.weights_f32(bias))
     b.free(planes)
     b.free(cols)
     return (out, "cnhw", (m.out_channels, n, out_h, out_w))
