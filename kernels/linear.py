@@ -7,6 +7,7 @@ adds a negative-index wraparound check to every signed access, which made these 
 Each kernel exists twice: `*_par` (Numba prange over rows) and `*_seq` (one thread), because
 a parallel launch costs ~10 us, more than the whole product for small layers at batch 1.
 """
+import numpy as np
 from numba import prange
 
 from ._jit import relu_or_identity, twin
@@ -69,6 +70,33 @@ def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out
                 acc[j] = relu_or_identity(acc[j], True)
 
 
+NARROW_MAX_COLUMNS = 16
+
+
+def _csr_spmm_narrow(indptr, indices, data, xt, bias, residual, has_residual, relu, out):
+    """`_csr_spmm` for B <= NARROW_MAX_COLUMNS (1-4 pixel maps at batch 1): flat unsigned indexing,
+    because building a row slice per nonzero costs more than its few multiply-adds."""
+    n_row, n_batch = out.shape
+    width = np.uintp(n_batch)
+    flat = xt.ravel()
+    for i in prange(n_row):
+        acc = out[i]
+        for j in range(n_batch):
+            acc[j] = bias[i]
+        for k in range(indptr[i], indptr[i + 1]):
+            w = data[k]
+            base = np.uintp(indices[k]) * width
+            for j in range(n_batch):
+                acc[j] += w * flat[base + np.uintp(j)]
+        if has_residual:
+            res = residual[i]
+            for j in range(n_batch):
+                acc[j] = relu_or_identity(acc[j] + res[j], relu)
+        elif relu:
+            for j in range(n_batch):
+                acc[j] = relu_or_identity(acc[j], True)
+
+
 def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
     """BSR version of `_csr_spmm`: data[n_blocks, br, bc], indices = block columns.
 
@@ -100,6 +128,8 @@ def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
 
 csr_matvec_par, csr_matvec_seq = twin(_csr_matvec)
 csr_spmm_par, csr_spmm_seq = twin(_csr_spmm)
+csr_spmm_narrow_par, csr_spmm_narrow_seq = twin(_csr_spmm_narrow)
 bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
 
-__all__ = ["csr_matvec_par", "csr_matvec_seq", "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par", "bsr_spmm_seq"]
+__all__ = ["NARROW_MAX_COLUMNS", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_narrow_par", "csr_spmm_narrow_seq",
+           "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par", "bsr_spmm_seq"]

@@ -214,13 +214,13 @@ class SparseConv2d(_SparseBase):
         self.max_dy = int(oy.max() // sh) if len(cols) else 0
         self.max_dx = int(ox.max() // sw) if len(cols) else 0
 
-    def im2col_table(self, n_img, padded_h, padded_w, out_h, out_w) -> np.ndarray:
+    def im2col_table(self, n_img, height, width, out_h, out_w) -> np.ndarray:
         """Gather table for the im2col path (kernels.im2col_table), cached per input geometry."""
-        key = (n_img, padded_h, padded_w)
+        key = (n_img, height, width)
         cache = self.__dict__.setdefault("_im2col_tables", {})
         if key not in cache:
-            cache[key] = im2col_table(n_img, padded_h, padded_w, out_h, out_w, self.kernel_size, self.stride,
-                                      self.dilation)
+            cache[key] = im2col_table(n_img, height, width, out_h, out_w, self.kernel_size, self.stride,
+                                      self.dilation, self.pads)
         return cache[key]
 
     @classmethod

@@ -97,7 +97,7 @@ def linear_numba(x2d, layer):
     par = _parallel(values.size * n_batch)
     kernel = getattr(kernels, f"{name}_{'par' if par else 'seq'}")
     if layer.format == "csr":
-        kernel(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False, layer.relu, out.numpy())
+        spmm(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False, layer.relu, out.numpy(), par)
     else:
         kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
     CALLS[f"numba.{name}"] += 1
@@ -209,25 +209,28 @@ def flat_with_strides(x: torch.Tensor):
 
 def _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w):
     n_img, n_chan, height, width = x.shape
-    pad_t, pad_b, pad_l, pad_r = layer.pads
-    padded_h, padded_w = height + pad_t + pad_b, width + pad_l + pad_r
     pixels = n_img * out_h * out_w
     par = _parallel(layer.nnz * pixels)
-    planes = torch.empty(n_chan, n_img * padded_h * padded_w, dtype=x.dtype)
-    flat, strides = flat_with_strides(x)
-    (kernels.pack_input_par if par else kernels.pack_input_seq)(
-        flat, strides, *x.shape, pad_t, pad_l, 1, 1, padded_h, padded_w, planes.numpy())
-    table = layer.im2col_table(n_img, padded_h, padded_w, out_h, out_w)
+    planes = x.detach().transpose(0, 1).contiguous().view(n_chan, -1)  # CNHW: free for our own outputs
+    table = layer.im2col_table(n_img, height, width, out_h, out_w)
     cols = torch.empty(table.shape[0] * n_chan, pixels, dtype=x.dtype)
     (kernels.gather_columns_par if par else kernels.gather_columns_seq)(planes.numpy(), table, cols.numpy())
     indptr, indices, _, _, _, values, bias = layer.numba_arrays()
     out2d = out.view(layer.out_channels, pixels)
     has_residual = residual is not None
     res = residual.detach().transpose(0, 1).reshape(layer.out_channels, pixels) if has_residual else out2d
-    (kernels.csr_spmm_par if par else kernels.csr_spmm_seq)(
-        indptr, indices, values, cols.numpy(), bias, res.numpy(), has_residual, relu, out2d.numpy())
+    spmm(indptr, indices, values, cols.numpy(), bias, res.numpy(), has_residual, relu, out2d.numpy(), par)
     CALLS["numba.im2col_conv"] += 1
     return out.permute(1, 0, 2, 3)
+
+
+def spmm(indptr, indices, values, xt, bias, residual, has_residual, relu, out, par):
+    """CSR SpMM, picking the narrow kernel for outputs of few columns (tiny maps at batch 1)."""
+    if xt.shape[1] <= kernels.NARROW_MAX_COLUMNS:
+        kernel = kernels.csr_spmm_narrow_par if par else kernels.csr_spmm_narrow_seq
+    else:
+        kernel = kernels.csr_spmm_par if par else kernels.csr_spmm_seq
+    kernel(indptr, indices, values, xt, bias, residual, has_residual, relu, out)
 
 
 def conv2d_torch(x, layer, residual=None, relu=False):

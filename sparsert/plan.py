@@ -343,28 +343,31 @@ def _lower_linear(b, m, buf, sparse: bool):
 
 
 def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
-    """A conv kept dense (sparse would not pay): pack + gather columns + SpMM with every weight stored."""
+    """A conv kept dense (sparse would not pay): gather columns + SpMM with every weight stored."""
     if m.padding_mode != "zeros":
         raise Unsupported("dense conv with a padding mode other than zeros")
     off_in, _, (c, n, h, w) = _cnhw(buf)
-    pad_t, pad_b, pad_l, pad_r = explicit_pads(m.padding, m.kernel_size, m.dilation)
-    out_h, out_w, _, _ = ops.conv_geometry(h, w, (pad_t, pad_b, pad_l, pad_r), m.stride, m.dilation, m.kernel_size)
-    padded_h, padded_w = h + pad_t + pad_b, w + pad_l + pad_r
-    planes_len = n * padded_h * padded_w
-    table = kernels.im2col_table(n, padded_h, padded_w, out_h, out_w, m.kernel_size, m.stride, m.dilation)
-    taps, pixels = table.shape
-    planes, cols = b.alloc(c * planes_len), b.alloc(c * taps * pixels)
-    out = b.alloc(m.out_channels * pixels)
-    b.emit(ex.PACK, c * planes_len, off_in, planes, c, n, h, w, pad_t, pad_l, 1, 1, padded_h, padded_w, planes_len)
-    b.emit(ex.IM2COL, c * taps * pixels, planes, planes_len, cols, c, taps, pixels, b.weights_u32(table))
+    pads = explicit_pads(m.padding, m.kernel_size, m.dilation)
+    out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, m.stride, m.dilation, m.kernel_size)
     fmt = _dense_as_csr(m)
+    out = b.alloc(m.out_channels * n * out_h * out_w)
+    cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, pads, out_h, out_w)
     bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
-    b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, c * taps, pixels, out, m.out_channels, -1, 0,
+    b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, rows, pixels, out, m.out_channels, -1, 0,
            b.weights_u32(fmt.indptr), b.weights_u32(fmt.indices), fmt.nnz, b.weights_f32(fmt.data),
            b.weights_f32(bias))
-    b.free(planes)
     b.free(cols)
     return (out, "cnhw", (m.out_channels, n, out_h, out_w))
+
+
+def _im2col(b: _Builder, off_in, shape, kernel_size, stride, dilation, pads, out_h, out_w):
+    """Emit the column gather over the CNHW activation at off_in; returns (cols offset, rows, pixels)."""
+    c, n, h, w = shape
+    table = kernels.im2col_table(n, h, w, out_h, out_w, kernel_size, stride, dilation, pads)
+    taps, pixels = table.shape
+    cols = b.alloc(c * taps * pixels)
+    b.emit(ex.IM2COL, c * taps * pixels, off_in, n * h * w, cols, c, taps, pixels, b.weights_u32(table))
+    return cols, c * taps, pixels
 
 
 def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
@@ -384,19 +387,11 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         res_off = res[0]
     off = b.alloc(int(np.prod(out_shape)))
     if ops.uses_im2col(n, out_h, out_w, hq, wq):
-        pad_t, pad_b, pad_l, pad_r = m.pads
-        padded_h, padded_w = h + pad_t + pad_b, w + pad_l + pad_r
-        planes_len = n * padded_h * padded_w
-        table = kernels.im2col_table(n, padded_h, padded_w, out_h, out_w, m.kernel_size, m.stride, m.dilation)
-        taps, pixels = table.shape
-        planes, cols = b.alloc(c * planes_len), b.alloc(c * taps * pixels)
-        b.emit(ex.PACK, c * planes_len, off_in, planes, c, n, h, w, pad_t, pad_l, 1, 1, padded_h, padded_w,
-               planes_len)
-        b.emit(ex.IM2COL, c * taps * pixels, planes, planes_len, cols, c, taps, pixels, b.weights_u32(table))
-        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, c * taps, pixels, off, m.out_channels, res_off, int(m.relu),
+        cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, m.pads,
+                                     out_h, out_w)
+        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
                b.weights_u32(m.indptr.numpy()), b.weights_u32(m.indices.numpy()), m.nnz,
                b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()))
-        b.free(planes)
         b.free(cols)
         return (off, "cnhw", out_shape)
     max_off = m.max_dy * wq + m.max_dx
