@@ -1,0 +1,60 @@
+"""`sparsert bench` runs end to end on the tiny case and writes what it documents. No timing is checked."""
+import argparse
+import importlib.util
+import json
+
+from sparsert import bench
+
+RECORD_FIELDS = {"engine", "version", "versions", "model", "pruning", "sparsity", "batch_size", "num_cores",
+                 "scenario", "input_shapes", "benchmark_result", "speedup_vs_torch", "speedup_vs_best_dense",
+                 "convert_seconds", "first_call_ms", "check"}
+RESULT_FIELDS = {"scenario", "items_per_sec", "seconds_ran", "iterations", "median", "mean", "std", "90.0%"}
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+
+
+def test_tiny_run_writes_json_png_and_onnx(tmp_path):
+    onnx_dir = tmp_path / "onnx"
+    assert bench.main(["--tiny", "--onnxruntime", "--out", tmp_path, "--export-onnx", onnx_dir]) == 0
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {"benchmark", "date", "machine", "versions", "settings", "notes", "results"} <= doc.keys()
+    assert {"torch", "numba", "sparsert", "onnxruntime"} <= doc["versions"].keys()
+    records = doc["results"]
+    assert records
+    for r in records:
+        assert RECORD_FIELDS <= r.keys(), RECORD_FIELDS - r.keys()
+        assert RESULT_FIELDS <= r["benchmark_result"].keys()
+        assert r["check"] in ("reference", "ok")
+        assert 0.0 < r["sparsity"] < 1.0
+    engines = {r["engine"] for r in records}
+    assert engines == ({"torch", "sparsert", "onnxruntime"} if HAS_ORT else {"torch", "sparsert"})
+    if not HAS_ORT:
+        assert any("onnxruntime" in note for note in doc["notes"])
+    # one record per engine per (model, pruning, batch size); tiny_mlp has no conv for global-98
+    cases = {(r["model"], r["pruning"], r["batch_size"]) for r in records}
+    assert ("tiny_mlp", "global-98", 1) not in cases and ("tiny_cnn", "global-98", 1) in cases
+    assert all(r["sparse_layers"].split("/")[0] != "0" for r in records if r["engine"] == "sparsert")
+
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    files = {m["file"] for m in manifest["models"]}
+    assert files == {"tiny_mlp-per-layer-90.onnx", "tiny_cnn-per-layer-90.onnx", "tiny_cnn-global-98.onnx"}
+    assert all((onnx_dir / f).stat().st_size > 0 for f in files)
+
+
+def test_export_only_times_nothing(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--tiny", "--models", "tiny_mlp", "--prunings", "per-layer-90", "--out", out,
+            "--export-onnx", tmp_path / "onnx", "--export-only"]
+    assert bench.main(argv) == 0
+    assert (tmp_path / "onnx" / "tiny_mlp-per-layer-90.onnx").is_file()
+    assert not out.exists()
+
+
+def test_add_parser_registers_bench_subcommand():
+    parser = argparse.ArgumentParser(prog="sparsert")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--tiny", "--batch-sizes", "1", "2", "--threads", "1"])
+    assert args.func is bench.run
+    assert args.batch_sizes == [1, 2] and args.threads == [1] and args.tiny
