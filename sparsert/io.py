@@ -222,6 +222,9 @@ def _atomic_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)  # safetensors creates the file 0600: give it the permissions any new file gets
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -412,3 +412,21 @@ def test_trusted_factories():
     assert not arch.is_trusted("os:system")
     assert not arch.is_trusted("torchvision.models:get_weight")
     assert not arch.is_trusted("/tmp/net.py:conv_net")
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    import sparsert
+
+    model = sparsert.models.mlp((8, 16, 4))
+    for layer in (model[0], model[2]):
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.9)
+    path = tmp_path / "mlp.sparse"
+    sparsert.save(sparsert.sparsify(model), path, arch={"factory": "sparsert.models:mlp", "kwargs": {"sizes": [8, 16, 4]}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
