@@ -1,4 +1,10 @@
 """Hot code: Numba kernels on raw arrays. Knows nothing of torch or nn.Module."""
+import numba
+
+# Start Numba's threading layer now: the conv kernels call get_thread_id() even in their serial
+# twins, which crashed (SIGSEGV) when loaded from the disk cache before any parallel launch.
+numba.get_num_threads()
+
 from .conv import (PADDING, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq)
 from .linear import (NARROW_MAX_COLUMNS, bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq,

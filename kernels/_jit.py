@@ -4,6 +4,8 @@ Numba's cache is keyed on each kernel's own source file: after editing this file
 kernels/__pycache__ so the kernels recompile with the new helper."""
 import types
 
+import numpy as np
+
 from numba import njit
 
 # 'contract' lets LLVM fuse multiply-add; 'reassoc' lets it vectorise the batch-1 dot products.
@@ -25,5 +27,7 @@ def twin(py_func):
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
 def relu_or_identity(v, relu):
-    """ReLU that keeps NaN, as torch.relu does (max(v, 0) would turn NaN into 0)."""
-    return v if not relu or not v < 0.0 else v - v  # v - v: a zero of v's own dtype
+    """ReLU matching torch.relu: NaN stays NaN (it fails `v < 0`), -inf becomes 0."""
+    if not relu or not v < 0.0:
+        return v
+    return np.float32(0.0)  # unifies with v's own dtype: float32 kernels stay float32

@@ -11,7 +11,7 @@ Weights live in two concatenated arrays (float32 values + biases, uint32 indices
 import numpy as np
 from numba import njit, prange
 
-from ._jit import OPTIONS, twin
+from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import gather_columns_par, gather_columns_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
 from .linear import (NARROW_MAX_COLUMNS, bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq,
                      csr_spmm_narrow_par, csr_spmm_narrow_seq, csr_spmm_par, csr_spmm_seq)
@@ -171,12 +171,12 @@ def run_plan(ops, arena, f32, u32, x):
             a, b, dst = arena[p[0]:p[0] + p[3]], arena[p[1]:p[1] + p[3]], arena[p[2]:p[2] + p[3]]
             for q in range(p[3]):
                 v = a[q] + b[q]
-                dst[q] = v if p[4] == 0 or not v < 0.0 else v - v
+                dst[q] = relu_or_identity(v, p[4] != 0)
         elif code == RELU:  # p: in, out, size
             src, dst = arena[p[0]:p[0] + p[2]], arena[p[1]:p[1] + p[2]]
             for q in range(p[2]):
                 v = src[q]
-                dst[q] = v if not v < 0.0 else v - v
+                dst[q] = relu_or_identity(v, True)
         elif code == CNHW_TO_FEATURES:  # p: in, out, C, N, H*W  -> out[C*HW, N] (torch.flatten order)
             n_chan, n_img, hw = p[2], p[3], p[4]
             src = arena[p[0]:p[0] + n_chan * n_img * hw].reshape((n_chan, n_img, hw))

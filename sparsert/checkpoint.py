@@ -68,15 +68,15 @@ def apply_masks(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoin
 
 def strip_pruning(model: nn.Module) -> nn.Module:
     """Bake live prune reparametrizations into plain parameters (prune.remove on each), in place."""
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                name = hook._tensor_name  # a PruningContainer (iterative pruning) carries it too
-                mask, orig = getattr(module, name + MASK), getattr(module, name + ORIG)
-                if mask.shape != orig.shape:
-                    raise ValueError(f"{type(module).__name__}: {name}_mask shape {tuple(mask.shape)} differs "
-                                     f"from {name}_orig shape {tuple(orig.shape)}")
-                prune.remove(module, name)
+    pruned = [(path, module, hook._tensor_name) for path, module in model.named_modules()
+              for hook in list(module._forward_pre_hooks.values()) if isinstance(hook, prune.BasePruningMethod)]
+    for path, module, name in pruned:  # check every mask before baking any: an error changes nothing
+        mask, orig = getattr(module, name + MASK), getattr(module, name + ORIG)
+        if mask.shape != orig.shape:
+            raise ValueError(f"{path or type(module).__name__}: {name}_mask shape {tuple(mask.shape)} differs "
+                             f"from {name}_orig shape {tuple(orig.shape)}")
+    for _, module, name in pruned:  # a PruningContainer (iterative pruning) carries _tensor_name too
+        prune.remove(module, name)
     return model
 
 

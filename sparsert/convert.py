@@ -19,7 +19,7 @@ from .modules import SparseConv2d, SparseLinear, _SparseBase, block_diagonal
 DEFAULT_MIN_SPARSITY = 0.7
 
 # Parents whose forward reads a child's `.weight` tensor directly instead of calling it.
-_READS_CHILD_WEIGHTS = (nn.MultiheadAttention,)
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
@@ -30,6 +30,7 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
     Prune reparametrizations are baked in first; BatchNorm after a conv is folded into it where exact
     (eval mode, conv output used only by the BN). Layers below `min_sparsity` stay dense, as do
     layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj).
+    `inplace=True` converts the passed object itself (same identity, no fusion) and returns it.
     With `fuse`, ReLUs and residual adds after sparse layers run in the kernels' epilogues, and the
     result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse).
     With `example_inputs` (a tensor, or a tuple of positional arguments), each candidate layer is
@@ -38,8 +39,16 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
     ops.check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
-    if not inplace:
-        model = copy_model(model)
+    if inplace:
+        # Convert a copy, then move its state into the caller's object: an error half-way leaves the
+        # caller's model untouched. No fusion: the caller's own forward still applies its ReLUs/adds.
+        converted = sparsify(model, backend=backend, min_sparsity=min_sparsity, format=format, fold_bn=fold_bn,
+                             fuse=False, example_inputs=example_inputs)
+        if converted is not model and type(converted) is type(model):
+            model.__dict__.update(converted.__dict__)
+            return model
+        return converted  # the model was itself one layer: the sparse layer replaces it
+    model = copy_model(model)
     model.eval()
     strip_pruning(model)
     if fold_bn:
@@ -62,9 +71,9 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
                 module.measured = sparse.measured  # kept dense: sparse would not pay at this batch size
                 continue
         if not name:  # the model is itself one eligible layer
-            return sparse
+            return sparse.eval()
         _set_submodule(model, name, sparse)
-    return fuse_epilogues(model) if fuse else model
+    return (fuse_epilogues(model) if fuse else model).eval()
 
 
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], example_inputs) -> dict[int, torch.Tensor]:
@@ -139,8 +148,8 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         # Shared modules (called twice) cannot be folded without changing the other call site.
         if type(conv) is not nn.Conv2d or calls[src.target] != 1 or calls[node.target] != 1:
             continue
-        if bn.running_mean is None or bn.running_var is None:
-            continue
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            continue  # a training-mode BatchNorm normalises by batch statistics: folding is not exact
         _fold(conv, bn)
         _set_submodule(model, node.target, nn.Identity())
         pairs.append((src.target, node.target))

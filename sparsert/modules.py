@@ -21,6 +21,14 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _host_copy(t):
+    """CPU copy for conversion: float64 stays float64, fp16/bf16 go to fp32 (NumPy has no bf16)."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _check_finite(weight: torch.Tensor, layer: str) -> None:
     # Refuse rather than guess: a NaN at a pruned position is NaN in dense (0 * NaN) but absent in sparse.
     if not torch.isfinite(weight).all():
@@ -134,9 +142,8 @@ class SparseLinear(_SparseBase):
         name = layer_name or type(module).__name__
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name}: SparseLinear.from_dense expects nn.Linear, got {type(module).__name__}")
-        weight = module.weight.detach().float().cpu()
+        weight, bias = _host_copy(module.weight), _host_copy(module.bias)
         _check_finite(weight, name)
-        bias = module.bias.detach().float().cpu() if module.bias is not None else None
         layer = cls(_make_format(weight, format), bias, backend=backend, layer_name=name)
         return layer.to(device=module.weight.device, dtype=module.weight.dtype)
 
@@ -229,10 +236,9 @@ class SparseConv2d(_SparseBase):
         name = layer_name or type(module).__name__
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"{name}: SparseConv2d.from_dense expects nn.Conv2d, got {type(module).__name__}")
-        weight = module.weight.detach().float().cpu()
+        weight, bias = _host_copy(module.weight), _host_copy(module.bias)
         _check_finite(weight, name)
         fmt = CSR.from_dense(block_diagonal(weight, module.groups))
-        bias = module.bias.detach().float().cpu() if module.bias is not None else None
         layer = cls(fmt, bias, in_channels=module.in_channels, kernel_size=module.kernel_size,
                     stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
                     padding_mode=module.padding_mode, backend=backend, layer_name=name)

@@ -1,0 +1,429 @@
+"""Numba kernels called directly on raw arrays, the ops layer that dispatches them, and the on-disk cache."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from sparsert import kernels, ops
+from sparsert.formats import BSR, CSR
+from sparsert.modules import SparseConv2d, SparseLinear
+
+from conftest import DENSITIES, assert_close, force_conv_algorithm, set_sparse_weight, sparse_matrix
+
+PAR_SEQ = ["par", "seq"]
+LINEAR_SHAPES = [(1, 1), (17, 33), (64, 48)]  # (out, in)
+
+
+def _kernel(name, variant):
+    return getattr(kernels, f"{name}_{variant}")
+
+
+def _ix(a):
+    """An index array as ops hands it to the kernels (an unsigned view where ops does that), so these
+    direct calls run the very specializations the library runs."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    to_kernel = getattr(ops, "unsigned_view", None)
+    return to_kernel(t) if to_kernel is not None else t.numpy()
+
+
+def _has_param(kernel, name):
+    code = kernel.py_func.__code__
+    return name in code.co_varnames[:code.co_argcount]
+
+
+def _csr_spmm(variant, csr, xt, bias, relu, out, residual=None):
+    """Call csr_spmm with or without its fused-residual arguments, whichever this version takes."""
+    kernel = _kernel("csr_spmm", variant)
+    if _has_param(kernel, "residual"):
+        res = out if residual is None else residual
+        return kernel(_ix(csr.indptr), _ix(csr.indices), csr.data, xt, bias, res, residual is not None, relu, out)
+    assert residual is None, "this csr_spmm has no residual epilogue"
+    return kernel(_ix(csr.indptr), _ix(csr.indices), csr.data, xt, bias, relu, out)
+
+
+def _dense_linear(w, x, b, relu):
+    y = x @ w.T + b
+    return np.maximum(y, 0) if relu else y
+
+
+# ------------------------------------------------------------------------------------ linear kernels
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d:g}")
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_csr_matvec(variant, shape, density, relu, gen):
+    w = sparse_matrix(shape, density, gen)
+    csr = CSR.from_dense(w)
+    x = torch.randn(shape[1], generator=gen).numpy()
+    b = torch.randn(shape[0], generator=gen).numpy()
+    out = np.full(shape[0], np.nan, np.float32)
+    _kernel("csr_matvec", variant)(_ix(csr.indptr), _ix(csr.indices), csr.data, x, b, relu, out)
+    assert_close(torch.from_numpy(out), torch.from_numpy(_dense_linear(w.numpy(), x[None], b, relu)[0]))
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7, 64], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d:g}")
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_csr_spmm(variant, shape, density, batch, gen):
+    w = sparse_matrix(shape, density, gen)
+    csr = CSR.from_dense(w)
+    x = torch.randn(batch, shape[1], generator=gen).numpy()
+    b = torch.randn(shape[0], generator=gen).numpy()
+    for relu in (False, True):
+        out = np.full((shape[0], batch), np.nan, np.float32)
+        _csr_spmm(variant, csr, np.ascontiguousarray(x.T), b, relu, out)
+        assert_close(torch.from_numpy(out.T.copy()), torch.from_numpy(_dense_linear(w.numpy(), x, b, relu)))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("batch", [1, 7, 130], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_csr_spmm_residual_epilogue(variant, batch, relu, gen):
+    if not _has_param(_kernel("csr_spmm", variant), "residual"):
+        pytest.skip("this csr_spmm has no residual epilogue")
+    w = sparse_matrix((24, 40), 0.3, gen)
+    csr = CSR.from_dense(w)
+    x = torch.randn(batch, 40, generator=gen)
+    b = torch.randn(24, generator=gen)
+    res = torch.randn(24, batch, generator=gen)
+    out = np.full((24, batch), np.nan, np.float32)
+    _csr_spmm(variant, csr, np.ascontiguousarray(x.numpy().T), b.numpy(), relu, out, residual=res.numpy())
+    expected = (x @ w.T + b) + res.T
+    assert_close(torch.from_numpy(out.T.copy()), torch.relu(expected) if relu else expected)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7, 64], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d:g}")
+@pytest.mark.parametrize("shape,block", [((8, 12), (4, 4)), ((64, 48), (16, 8)), ((6, 10), (3, 5)), ((5, 7), (1, 1))],
+                         ids=["8x12-b4", "64x48-b16x8", "6x10-b3x5", "5x7-b1"])
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_bsr_spmm(variant, shape, block, density, batch, gen):
+    w = sparse_matrix(shape, density, gen, block=block)
+    bsr = BSR.from_dense(w, block)
+    x = torch.randn(batch, shape[1], generator=gen).numpy()
+    b = torch.randn(shape[0], generator=gen).numpy()
+    for relu in (False, True):
+        out = np.full((shape[0], batch), np.nan, np.float32)
+        _kernel("bsr_spmm", variant)(_ix(bsr.indptr), _ix(bsr.indices), bsr.data, np.ascontiguousarray(x.T), b,
+                                     relu, out)
+        assert_close(torch.from_numpy(out.T.copy()), torch.from_numpy(_dense_linear(w.numpy(), x, b, relu)))
+
+
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_linear_kernels_fp64(variant, gen):
+    w = sparse_matrix((24, 40), 0.3, gen, block=(4, 4), dtype=torch.float64)
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64).numpy()
+    b = torch.randn(24, generator=gen, dtype=torch.float64).numpy()
+    expected = torch.from_numpy(_dense_linear(w.numpy(), x, b, False))
+    csr, bsr = CSR.from_dense(w), BSR.from_dense(w, (4, 4))
+    out = np.empty((24, 5))
+    _csr_spmm(variant, csr, np.ascontiguousarray(x.T), b, False, out)
+    torch.testing.assert_close(torch.from_numpy(out.T.copy()), expected, rtol=1e-12, atol=1e-12)
+    out = np.empty((24, 5))
+    _kernel("bsr_spmm", variant)(_ix(bsr.indptr), _ix(bsr.indices), bsr.data, np.ascontiguousarray(x.T), b, False, out)
+    torch.testing.assert_close(torch.from_numpy(out.T.copy()), expected, rtol=1e-12, atol=1e-12)
+    out = np.empty(24)
+    _kernel("csr_matvec", variant)(_ix(csr.indptr), _ix(csr.indices), csr.data, x[0].copy(), b, False, out)
+    torch.testing.assert_close(torch.from_numpy(out), expected[0], rtol=1e-12, atol=1e-12)
+
+
+def _relu_special_values(variant, gen, special):
+    w = sparse_matrix((8, 12), 0.5, gen, block=(4, 4))
+    b = torch.randn(8, generator=gen)
+    for row, value in special.items():
+        b[row] = value
+    x = torch.randn(3, 12, generator=gen)
+    expected = torch.relu(x @ w.T + b)
+    csr, bsr = CSR.from_dense(w), BSR.from_dense(w, (4, 4))
+    out = np.empty(8, np.float32)
+    _kernel("csr_matvec", variant)(_ix(csr.indptr), _ix(csr.indices), csr.data, x[0].numpy(), b.numpy(), True, out)
+    torch.testing.assert_close(torch.from_numpy(out), expected[0], equal_nan=True)
+    out = np.empty((8, 3), np.float32)
+    _csr_spmm(variant, csr, np.ascontiguousarray(x.numpy().T), b.numpy(), True, out)
+    torch.testing.assert_close(torch.from_numpy(out.T.copy()), expected, equal_nan=True)
+    out = np.empty((8, 3), np.float32)
+    _kernel("bsr_spmm", variant)(_ix(bsr.indptr), _ix(bsr.indices), bsr.data, np.ascontiguousarray(x.numpy().T),
+                                 b.numpy(), True, out)
+    torch.testing.assert_close(torch.from_numpy(out.T.copy()), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_fused_relu_keeps_nan_and_inf(variant, gen):
+    """torch.relu(NaN) is NaN and relu(+inf) is +inf: the fused ReLU must agree."""
+    _relu_special_values(variant, gen, {2: float("nan"), 5: float("inf")})
+
+
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_fused_relu_of_minus_inf_is_zero(variant, gen):
+    _relu_special_values(variant, gen, {6: -float("inf")})
+
+
+# ------------------------------------------------------------------------------------ every kernel, through ops
+def _dispatchers():
+    """Every Numba kernel sparsert.kernels exports, by name."""
+    return {name: obj for name, obj in vars(kernels).items() if isinstance(obj, numba.core.dispatcher.Dispatcher)}
+
+
+@pytest.fixture
+def spy_all(monkeypatch):
+    """Record every kernel launch (ops looks kernels up on the kernels module at call time)."""
+    launched = []
+    for name, disp in _dispatchers().items():
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _d=disp: launched.append(_n) or _d(*a))
+    return launched
+
+
+@pytest.fixture(params=["seq", "par"])
+def force_parallel(request, monkeypatch):
+    """Force ops to pick the serial or the parallel twin (it normally decides by work size)."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_WORK", 0 if request.param == "par" else 1 << 60)
+    return request.param
+
+
+@pytest.fixture(params=["direct", "im2col"])
+def conv_algorithm(request, monkeypatch):
+    """Force the numba conv algorithm: direct sparse conv, or im2col + CSR SpMM (small feature maps)."""
+    force_conv_algorithm(monkeypatch, request.param)
+    return request.param
+
+
+def _conv_layer(conv_kw, density, gen, cin=4, cout=6):
+    conv = torch.nn.Conv2d(cin, cout, **conv_kw)
+    with torch.no_grad():
+        conv.weight.copy_(sparse_matrix(tuple(conv.weight.shape), density, gen))
+        conv.bias.copy_(torch.randn(cout, generator=gen))
+    return conv, SparseConv2d.from_dense(conv, backend="numba")
+
+
+def test_every_kernel_runs_and_matches_dense(monkeypatch, spy_all, gen):
+    """Each exported kernel (serial and parallel twin) runs in at least one of these forwards, and every
+    forward matches dense torch: linear CSR/BSR at batch 1..200, direct conv (packed and in-place 1x1
+    input), im2col conv on tiny and larger maps, with bias, residual and ReLU epilogues."""
+    lin = torch.nn.Linear(48, 32)
+    conv3 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    conv1 = torch.nn.Conv2d(6, 6, 1)
+    for m in (lin, conv3, conv1):
+        set_sparse_weight(m, 0.4, gen)
+    with torch.no_grad():
+        lin.weight.mul_(sparse_matrix((32, 48), 0.5, gen, block=(8, 8)) != 0)
+    for variant in ("seq", "par"):
+        monkeypatch.setattr(ops, "PARALLEL_MIN_WORK", 0 if variant == "par" else 1 << 60)
+        for fmt in ("csr", "bsr8"):
+            layer = SparseLinear.from_dense(lin, backend="numba", format=fmt)
+            for batch in (1, 3, 16, 17, 200):
+                for relu in (False, True):
+                    layer.relu = relu
+                    x = torch.randn(batch, 48, generator=gen)
+                    expected = lin(x).detach()
+                    assert_close(layer(x), torch.relu(expected) if relu else expected)
+        for algorithm in ("direct", "im2col"):
+            force_conv_algorithm(monkeypatch, algorithm)
+            s3, s1 = SparseConv2d.from_dense(conv3), SparseConv2d.from_dense(conv1)
+            for shape in ((1, 4, 2, 2), (1, 4, 7, 8), (3, 4, 9, 10)):
+                x = torch.randn(shape, generator=gen)
+                mid = s3(x)
+                assert_close(mid, conv3(x).detach())
+                res = torch.randn(mid.shape, generator=gen)
+                s1.relu = True
+                assert_close(s1(mid, residual=res), torch.relu(conv1(mid.contiguous()) + res).detach())
+                s1.relu = False
+    missing = set(_dispatchers()) - set(spy_all)
+    assert not missing, f"kernels never exercised here (extend this test): {sorted(missing)}"
+
+
+def _conv_spy_names(launched, variant):
+    other = "seq" if variant == "par" else "par"
+    assert launched, "no kernel launched"
+    assert not [n for n in launched if n.endswith("_" + other)], launched
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("conv_kw", [dict(kernel_size=1), dict(kernel_size=3, padding=1, stride=2),
+                                     dict(kernel_size=5, padding="same", dilation=(1, 2)),
+                                     dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), groups=2)],
+                         ids=["k1", "k3s2", "k5same-d12", "k3x2-s21-g2"])
+def test_conv2d_numba_dispatch(force_parallel, conv_algorithm, conv_kw, residual, relu, gen, spy_all):
+    conv, layer = _conv_layer(conv_kw, 0.4, gen)
+    name = "numba.sparse_conv" if conv_algorithm == "direct" else "numba.im2col_conv"
+    for x in (torch.randn(3, 4, 10, 9, generator=gen), torch.randn(1, 4, 10, 9, generator=gen),
+              torch.randn(2, 4, 9, 10, generator=gen).transpose(2, 3),
+              torch.randn(1, 4, 10, 9, generator=gen).to(memory_format=torch.channels_last)):
+        ref = conv(x).detach()
+        res = torch.randn(ref.shape, generator=gen) if residual else None
+        expected = ref + res if residual else ref
+        before = ops.CALLS[name]
+        layer.relu = relu
+        y = layer(x, residual=res)
+        assert ops.CALLS[name] == before + 1
+        assert_close(y, torch.relu(expected) if relu else expected)
+    _conv_spy_names(spy_all, force_parallel)
+    if conv_algorithm == "direct":
+        assert f"sparse_conv_{force_parallel}" in spy_all
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("batch", [0, 1, 7, 64], ids=lambda b: f"B{b}")
+def test_linear_numba_dispatch(force_parallel, fmt, batch, gen, spy_all):
+    """SparseLinear on the numba backend launches only the twin ops was told to pick."""
+    w = sparse_matrix((32, 48), 0.3, gen, block=(8, 8) if fmt == "bsr" else None)
+    b = torch.randn(32, generator=gen)
+    layer = SparseLinear(CSR.from_dense(w) if fmt == "csr" else BSR.from_dense(w, (8, 8)), b, backend="numba")
+    x = torch.randn(batch, 48, generator=gen)
+    name = "csr_matvec" if (batch == 1 and fmt == "csr") else f"{fmt}_spmm"
+    before = ops.CALLS[f"numba.{name}"]
+    for relu in (False, True):
+        layer.relu = relu
+        expected = x @ w.T + b
+        assert_close(layer(x), torch.relu(expected) if relu else expected)
+    assert ops.CALLS[f"numba.{name}"] == before + 2
+    _conv_spy_names(spy_all, force_parallel)
+    assert all(n.startswith(name) for n in spy_all), spy_all
+
+
+def test_conv2d_numba_fused_relu_keeps_nan(force_parallel, conv_algorithm, gen):
+    conv, layer = _conv_layer(dict(kernel_size=3, padding=1), 0.4, gen)
+    with torch.no_grad():
+        conv.bias[1] = float("nan")
+    layer = SparseConv2d.from_dense(conv, backend="numba")
+    layer.relu = True
+    x = torch.randn(2, 4, 6, 5, generator=gen)
+    y = layer(x)
+    expected = torch.relu(conv(x).detach())
+    assert torch.isnan(y[:, 1]).all()
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv2d_torch_residual_relu(relu, gen):
+    conv, _ = _conv_layer(dict(kernel_size=3, padding=1, groups=2), 0.4, gen)
+    x = torch.randn(2, 4, 6, 7, generator=gen)
+    ref = conv(x).detach()
+    res = torch.randn(ref.shape, generator=gen)
+    layer = SparseConv2d.from_dense(conv, backend="torch")
+    layer.relu = relu
+    before = ops.CALLS["torch.conv.csr"]
+    y = layer(x, residual=res)
+    assert ops.CALLS["torch.conv.csr"] == before + 1
+    assert_close(y, torch.relu(ref + res) if relu else ref + res)
+
+
+def test_conv_chain_reads_previous_cnhw_output_without_packing(gen, monkeypatch, spy_all):
+    """Direct algorithm: a 1x1 conv on the previous sparse conv's CNHW output uses it in place (no pack)."""
+    force_conv_algorithm(monkeypatch, "direct")
+    _, first = _conv_layer(dict(kernel_size=3, padding=1), 0.5, gen, cin=4, cout=4)
+    conv2, second = _conv_layer(dict(kernel_size=1), 0.5, gen, cin=4, cout=6)
+    x = torch.randn(2, 4, 5, 5, generator=gen)
+    mid = first(x)
+    assert mid.transpose(0, 1).is_contiguous()
+    spy_all.clear()
+    before = ops.CALLS["numba.sparse_conv"]
+    assert_close(second(mid), conv2(mid.contiguous()).detach())
+    assert ops.CALLS["numba.sparse_conv"] == before + 1
+    assert [n for n in spy_all if n.startswith("pack_input")] == [] and spy_all, spy_all
+
+
+def test_backend_resolution():
+    x32, x64, xbf = torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bfloat16)
+    assert ops.resolve_backend("auto", x32, "l") == "numba"
+    assert ops.resolve_backend("auto", x64, "l") == "numba"
+    assert ops.resolve_backend("auto", xbf, "l") == "torch"
+    assert ops.resolve_backend("torch", x32, "l") == "torch"
+    with pytest.raises(NotImplementedError, match="l: the numba backend"):
+        ops.resolve_backend("numba", xbf, "l")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.check_backend("mkl")
+
+
+# ------------------------------------------------------------------------------------ on-disk cache
+_CACHE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    import numba
+    if "--launch-threads" in sys.argv:
+        numba.get_num_threads()  # starts Numba's threading layer (see test_cached_serial_kernels_...)
+    from torch import nn
+    from sparsert import SparseConv2d, SparseLinear, kernels, ops
+    torch.manual_seed(0)
+    lin = SparseLinear.from_dense(nn.Linear(16, 8), backend="numba", format="csr")
+    lin(torch.randn(1, 16))
+    lin(torch.randn(3, 16))
+    conv = SparseConv2d.from_dense(nn.Conv2d(2, 3, 3, padding=1), backend="numba")
+    for im2col in (False, True):  # the direct conv, then im2col + SpMM where this version has it
+        ops.uses_im2col = lambda *args, _f=im2col, **kwargs: _f
+        conv(torch.randn(1, 2, 5, 5))
+    stats = {}
+    for name in dir(kernels):
+        disp = getattr(kernels, name)
+        if hasattr(disp, "stats") and disp.signatures:
+            stats[name] = dict(hits=sum(disp.stats.cache_hits.values()), misses=sum(disp.stats.cache_misses.values()),
+                               path=disp.stats.cache_path, sigs=len(disp.signatures))
+    print("STATS" + json.dumps(dict(stats=stats, kernels_dir=os.path.dirname(kernels.__file__))))
+""")
+EXPECTED_CACHED = {"csr_matvec_seq", "csr_spmm_seq", "pack_input_seq", "sparse_conv_seq"}
+
+
+def _run_cache_script(tmp_path, env_extra, launch_threads=True):
+    script = tmp_path / "cache_probe.py"
+    script.write_text(_CACHE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(env_extra)
+    env["PYTHONFAULTHANDLER"] = "1"
+    args = [sys.executable, str(script)] + (["--launch-threads"] if launch_threads else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stderr[-3000:]}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("STATS")][-1]
+    return json.loads(line[len("STATS"):])
+
+
+def test_numba_kernels_cached_next_to_installed_kernels(tmp_path):
+    """Two processes: the second loads every kernel it runs from the on-disk cache in the installed
+    kernels' __pycache__ (no compile: cache misses 0)."""
+    _run_cache_script(tmp_path, {})  # makes sure the cache is current, whatever state it was in
+    second = _run_cache_script(tmp_path, {})
+    assert EXPECTED_CACHED <= set(second["stats"]), second["stats"].keys()
+    cache_dir = os.path.join(second["kernels_dir"], "__pycache__")
+    for name, st in second["stats"].items():
+        assert os.path.realpath(st["path"]) == os.path.realpath(cache_dir), st["path"]
+        assert st["misses"] == 0 and st["hits"] >= st["sigs"] >= 1, f"{name} was compiled again: {st}"
+    files = os.listdir(cache_dir)
+    for name in second["stats"]:  # <module>._<kernel>[_seq]-<line>.py<ver>.nbi / .<n>.nbc
+        tag = f"._{name[:-4]}_seq-" if name.endswith("_seq") else f"._{name[:-4]}-"
+        assert any(f.endswith(".nbi") and tag in f for f in files), (name, files)
+        assert any(f.endswith(".nbc") and tag in f for f in files), (name, files)
+
+
+@pytest.fixture(scope="module")
+def compiled_cache(tmp_path_factory):
+    """An empty NUMBA_CACHE_DIR filled by one process (which compiles every kernel it runs)."""
+    work = tmp_path_factory.mktemp("numba_cache_probe")
+    env = {"NUMBA_CACHE_DIR": str(work / "numba_cache")}
+    return work, env, _run_cache_script(work, env)
+
+
+def test_numba_cache_fresh_directory_compiles_once(compiled_cache):
+    """With an empty NUMBA_CACHE_DIR the first process compiles (misses) and writes index/data files;
+    the second process hits the cache for every kernel and compiles nothing."""
+    work, env, first = compiled_cache
+    assert EXPECTED_CACHED <= set(first["stats"]), first["stats"].keys()
+    for name, st in first["stats"].items():
+        assert st["misses"] >= 1 and st["hits"] == 0, (name, st)  # compiled here
+    found = [f for _, _, fs in os.walk(env["NUMBA_CACHE_DIR"]) for f in fs]
+    assert any(f.endswith(".nbi") for f in found) and any(f.endswith(".nbc") for f in found), found
+    second = _run_cache_script(work, env)
+    assert set(second["stats"]) == set(first["stats"])
+    for name, st in second["stats"].items():
+        assert st["misses"] == 0 and st["hits"] >= 1, (name, st)
+
+
+def test_cached_serial_kernels_run_in_a_fresh_process(compiled_cache):
+    """A user's second run (warm cache) of a small model must not crash: here nothing starts Numba's
+    threading layer before the cached kernels run."""
+    work, env, _ = compiled_cache
+    _run_cache_script(work, env, launch_threads=False)
