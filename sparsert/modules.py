@@ -205,8 +205,13 @@ class SparseConv2d(_SparseBase):
     def _explicit_pads(self):
         return explicit_pads(self.padding, self.kernel_size, self.dilation)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._decode_taps()  # the tap arrays derive from the indices just loaded
+
     def _decode_taps(self):
         """Per nonzero: packed-input channel (input channel x stride phase) and tap offset (dy, dx)."""
+        self._numba_cache = (None, None)
         if self.format != "csr":
             raise NotImplementedError(f"{self.layer_name}: SparseConv2d stores CSR weights")
         kh, kw = self.kernel_size

@@ -99,6 +99,10 @@ class SparseGraphModule(torch.fx.GraphModule):
         self.__dict__["_plans"] = {}  # weights may have moved or changed dtype: rebuild on next call
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__["_plans"] = {}  # plans hold copies of the weights: rebuild after new ones load
+        return super()._load_from_state_dict(*args, **kwargs)
+
 
 # ----------------------------------------------------------------------------------------- builder
 class _Builder:

@@ -263,3 +263,15 @@ def test_wrong_input_shape_raises_the_layer_error_quietly(capsys):
     with pytest.raises(ValueError, match=r"input has 48 features, layer expects 64"):
         sparse(torch.randn(2, 48))
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_load_state_dict_refreshes_taps_and_plans():
+    torch.manual_seed(0)
+    a = _pruned(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)), 0.7)
+    b = _pruned(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)), 0.7)
+    sparse_a, sparse_b = sparsert.sparsify(a), sparsert.sparsify(b)
+    x = torch.randn(2, 4, 6, 6)
+    sparse_a(x), sparse_a.get_submodule("0")(x)  # build the plan and the eager caches first
+    sparse_a.load_state_dict(sparse_b.state_dict())  # same nnz count, different positions and values
+    torch.testing.assert_close(sparse_a(x), b(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_a.get_submodule("0")(x), b[1](b[0](x)), rtol=1e-5, atol=1e-5)
