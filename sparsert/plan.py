@@ -318,8 +318,15 @@ def _lower_maxpool(b, m: nn.MaxPool2d, buf):
 PLAN_MAX_DENSE_WEIGHTS = 1 << 20
 
 
-def _dense_as_csr(module) -> CSR:
-    if module.weight.numel() > PLAN_MAX_DENSE_WEIGHTS or module.weight.dtype != torch.float32:
+# A dense layer with more multiply-adds than this per call belongs to MKL/oneDNN: the model then
+# runs eagerly (per-layer calls cost little next to such a layer; our CSR kernel at full density
+# is 5-10x slower than oneDNN's conv at batch 64).
+PLAN_MAX_DENSE_WORK = 1 << 22
+
+
+def _dense_as_csr(module, columns: int) -> CSR:
+    if module.weight.numel() > PLAN_MAX_DENSE_WEIGHTS or module.weight.dtype != torch.float32 or \
+            module.weight.numel() * columns > PLAN_MAX_DENSE_WORK:
         raise Unsupported("large or non-float32 dense layer")
     weight = module.weight.detach()
     return CSR.from_dense(block_diagonal(weight, module.groups) if isinstance(module, nn.Conv2d) else weight)
@@ -337,7 +344,7 @@ def _lower_linear(b, m, buf, sparse: bool):
         bias, relu, code, (br, bc) = m.bias_or_zeros.detach().numpy(), m.relu, \
             (ex.LINEAR_BSR if m.format == "bsr" else ex.LINEAR_CSR), m.block_shape
     else:
-        fmt = _dense_as_csr(m)
+        fmt = _dense_as_csr(m, n_batch)
         values, indptr, indices, (br, bc), relu, code = fmt.data, fmt.indptr, fmt.indices, (1, 1), False, ex.LINEAR_CSR
         bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)
     b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),
@@ -353,7 +360,7 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     off_in, _, (c, n, h, w) = _cnhw(buf)
     pads = explicit_pads(m.padding, m.kernel_size, m.dilation)
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, m.stride, m.dilation, m.kernel_size)
-    fmt = _dense_as_csr(m)
+    fmt = _dense_as_csr(m, n * out_h * out_w)
     out = b.alloc(m.out_channels * n * out_h * out_w)
     cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, pads, out_h, out_w)
     bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)

@@ -33,7 +33,7 @@ def test_tiny_run_writes_json_png_and_onnx(tmp_path):
     # one record per engine per (model, pruning, batch size); tiny_mlp has no conv for global-98
     cases = {(r["model"], r["pruning"], r["batch_size"]) for r in records}
     assert ("tiny_mlp", "global-98", 1) not in cases and ("tiny_cnn", "global-98", 1) in cases
-    assert all(r["sparse_layers"].split("/")[0] != "0" for r in records if r["engine"] == "sparsert")
+    assert all(r["sparse_layers_default"].split("/")[0] != "0" for r in records if r["engine"] == "sparsert")
 
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
