@@ -413,7 +413,8 @@ def _run_case(model, spec, case, s, ort, onnx_path, export_s, vers, notes) -> tu
                 rec = dict(base, engine="sparsert", version=vers["sparsert"], dense=False, convert_seconds=convert_s,
                            measure_seconds=time.perf_counter() - t0,
                            sparse_layers=f"{sum(r['format'] != 'dense' for r in measured_rows)}/{len(measured_rows)}",
-                           sparse_layers_default=layers)
+                           sparse_layers_default=layers,
+                           auto_choice=getattr(measured, "sparsert_choice", {}).get("choice"))
                 sparse_model = measured
                 y, rec["first_call_ms"] = timed_first_call(lambda: sparse_model(x))
                 close, rec["max_abs_error"], rec["output_scale"] = compare(y, expected, RTOL)

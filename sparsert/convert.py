@@ -33,21 +33,41 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
     `inplace=True` converts the passed object itself (same identity, no fusion) and returns it.
     With `fuse`, ReLUs and residual adds after sparse layers run in the kernels' epilogues, and the
     result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse).
-    With `example_inputs` (a tensor, or a tuple of positional arguments), each candidate layer is
-    timed dense and sparse on the input it receives there, and stays dense unless sparse is
-    faster at that batch size; the timings land on each layer as `.measured`."""
+    With `example_inputs` (a tensor, or a tuple of positional arguments) the choice is measured at
+    that input's batch size: each candidate layer is timed dense and sparse on the input it receives
+    there and stays dense unless sparse is faster (timings on each layer as `.measured`); then that
+    model, the one the `min_sparsity` rule alone gives, and the plain dense model are timed end to end
+    and the fastest is returned (its `.sparsert_choice` says which), so `auto` never returns a model
+    slower than dense at the measured shape."""
     ops.check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
     if inplace:
         # Convert a copy, then move its state into the caller's object: an error half-way leaves the
         # caller's model untouched. No fusion: the caller's own forward still applies its ReLUs/adds.
-        converted = sparsify(model, backend=backend, min_sparsity=min_sparsity, format=format, fold_bn=fold_bn,
-                             fuse=False, example_inputs=example_inputs)
+        converted = _convert(model, backend, min_sparsity, format, fold_bn, False, example_inputs)
         if converted is not model and type(converted) is type(model):
             model.__dict__.update(converted.__dict__)
             return model
         return converted  # the model was itself one layer: the sparse layer replaces it
+    if example_inputs is None or not fuse:
+        return _convert(model, backend, min_sparsity, format, fold_bn, fuse, example_inputs)
+    # Measured at this batch size: per-layer choices can misjudge (eager timings carry Python
+    # overhead the compiled plan does not), so the whole models are timed too.
+    dense = copy_model(model).eval()
+    strip_pruning(dense)
+    candidates = {"measured": _convert(model, backend, min_sparsity, format, fold_bn, True, example_inputs),
+                  "rule": _convert(model, backend, min_sparsity, format, fold_bn, True, None),
+                  "dense": dense}
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    times = {name: _time_model(m, args) for name, m in candidates.items()}
+    best = min(times, key=times.get)
+    chosen = candidates[best]
+    chosen.sparsert_choice = dict(choice=best, **{f"{name}_ms": ms for name, ms in times.items()})
+    return chosen
+
+
+def _convert(model, backend, min_sparsity, format, fold_bn, fuse, example_inputs) -> nn.Module:
     model = copy_model(model)
     model.eval()
     strip_pruning(model)
@@ -74,6 +94,18 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
             return sparse.eval()
         _set_submodule(model, name, sparse)
     return (fuse_epilogues(model) if fuse else model).eval()
+
+
+def _time_model(model: nn.Module, args: tuple, repeats: int = 5) -> float:
+    """Median ms of model(*args) after a first call (which builds plans and loads kernels)."""
+    times = []
+    with torch.no_grad():
+        model(*args)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(*args)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], example_inputs) -> dict[int, torch.Tensor]:

@@ -241,7 +241,7 @@ def test_measured_decision_keeps_layers_dense_when_sparse_is_slower(monkeypatch)
     monkeypatch.setattr(convert, "_time_pair",
                         lambda dense, sparse, x: (1.0, 2.0) if sparse.layer_name == "2" else (2.0, 1.0))
     x = torch.randn(4, 64)
-    sparse = sparsert.sparsify(model, example_inputs=x)
+    sparse = sparsert.sparsify(model, example_inputs=x, fuse=False)  # per-layer choice only
     assert isinstance(sparse.get_submodule("0"), SparseLinear)
     assert type(sparse.get_submodule("2")) is nn.Linear
     assert sparse.get_submodule("0").measured == dict(dense_ms=2.0, sparse_ms=1.0)
@@ -275,3 +275,19 @@ def test_load_state_dict_refreshes_taps_and_plans():
     sparse_a.load_state_dict(sparse_b.state_dict())  # same nnz count, different positions and values
     torch.testing.assert_close(sparse_a(x), b(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse_a.get_submodule("0")(x), b[1](b[0](x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("winner", ["measured", "rule", "dense"])
+def test_example_inputs_return_the_fastest_whole_model(monkeypatch, winner):
+    from sparsert import convert
+
+    model = _pruned(sparsert.models.mlp((32, 64, 10)))
+    order = iter(["measured", "rule", "dense"])  # _time_model is called in this order
+    monkeypatch.setattr(convert, "_time_model", lambda m, args: 1.0 if next(order) == winner else 2.0)
+    x = torch.randn(3, 32)
+    chosen = sparsert.sparsify(model, example_inputs=x)
+    assert chosen.sparsert_choice["choice"] == winner
+    has_sparse = any(isinstance(m, SparseLinear) for m in chosen.modules())
+    if winner != "measured":  # the measured candidate's layers depend on real per-layer timings
+        assert has_sparse == (winner == "rule")
+    torch.testing.assert_close(chosen(x), model(x), rtol=1e-5, atol=1e-6)
