@@ -25,6 +25,7 @@ os.environ["NM_VERSION_CHECK"] = "false"  # no version check over the network
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -33,28 +34,21 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 CHECK_TOLERANCE = 1e-3  # relative, and absolute as a fraction of max |output|
 
 
-def measure(fn, *, repeats, min_time, warmup, batch_size):
-    """Same loop and fields as sparsert.bench.measure (kept in step by hand: no sparsert import here)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    seconds_ran = time.perf_counter() - start
-    ms = np.asarray(times) * 1e3
-    result = dict(scenario="singlestream", items_per_sec=batch_size * len(times) / seconds_ran,
-                  seconds_ran=seconds_ran, iterations=len(times), median=float(np.median(ms)),
-                  mean=float(ms.mean()), std=float(ms.std()), min=float(ms.min()))
-    result.update({f"{p:.1f}%": float(v) for p, v in zip(PERCENTILES, np.percentile(ms, PERCENTILES))})
-    result["loadavg_1min"] = os.getloadavg()[0]  # other processes on the cores distort every engine
-    return result
+def _load_timing():
+    """sparsert/timing.py by path: the same timing loop as sparsert.bench, without importing sparsert
+    (whose package imports torch, absent from this venv)."""
+    path = Path(__file__).resolve().parent.parent / "sparsert" / "timing.py"
+    spec = importlib.util.spec_from_file_location("sparsert_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_timing = _load_timing()
+measure, PERCENTILES = _timing.measure, _timing.PERCENTILES
 
 
 def timed(fn):

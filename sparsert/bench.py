@@ -47,9 +47,9 @@ from . import __version__
 from .checkpoint import strip_pruning
 from .convert import report, sparsify
 from .models import cifar_resnet18, mlp
+from .timing import PERCENTILES, measure  # noqa: F401  (PERCENTILES: part of this module's interface)
 
 DEFAULT_OUT = os.path.join("sparsert-out", "bench")
-PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 # Sparse output vs the dense torch output: relative tolerance, and absolute tolerance as a fraction
 # of the largest |output| (float32 sums in another order through up to ~20 folded layers).
 RTOL, ATOL_SCALE = 1e-4, 1e-4
@@ -239,27 +239,6 @@ def export_onnx(model: nn.Module, input_shape, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def measure(fn: Callable[[], object], *, repeats: int, min_time: float, warmup: int, batch_size: int) -> dict:
-    """Time `fn` after `warmup` calls: at least `repeats` calls and `min_time` seconds.
-
-    Returns DeepSparse's `benchmark_result` fields: latencies in ms per batch, items_per_sec."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    seconds_ran = time.perf_counter() - start
-    ms = np.asarray(times) * 1e3
-    result = dict(scenario="singlestream", items_per_sec=batch_size * len(times) / seconds_ran,
-                  seconds_ran=seconds_ran, iterations=len(times), median=float(np.median(ms)),
-                  mean=float(ms.mean()), std=float(ms.std()), min=float(ms.min()))
-    result.update({f"{p:.1f}%": float(v) for p, v in zip(PERCENTILES, np.percentile(ms, PERCENTILES))})
-    # Other processes on the cores stall every OpenMP barrier: keep the load seen, to spot noisy runs.
-    result["loadavg_1min"] = os.getloadavg()[0]
-    return result
 
 
 def timed_first_call(fn):
