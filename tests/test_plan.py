@@ -291,3 +291,33 @@ def test_example_inputs_return_the_fastest_whole_model(monkeypatch, winner):
     if winner != "measured":  # the measured candidate's layers depend on real per-layer timings
         assert has_sparse == (winner == "rule")
     torch.testing.assert_close(chosen(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["resnet18", "mlp"])
+def test_torch_backend_matches_dense_on_resnet18_and_mlp(name, dtype):
+    """The torch.sparse path (the CUDA code, run here on CPU tensors) on the issue's models."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(4, 3, 32, 32))
+    else:
+        model, x = sparsert.models.mlp((64, 128, 128, 10)), torch.randn(3, 64)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            prune.l1_unstructured(m, "weight", 0.9)
+            prune.remove(m, "weight")
+    sparse = sparsert.sparsify(model, backend="torch").to(dtype)
+    before = sum(v for k, v in CALLS.items() if k.startswith("torch."))
+    with torch.no_grad():
+        out = sparse(x.to(dtype)).float()
+        ref = model.to(torch.float64)(x.double()).float()
+    assert sum(v for k, v in CALLS.items() if k.startswith("torch.")) > before
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * scale)
+    else:  # bf16 keeps 8 bits of mantissa: ~1% per op, a few ops deep
+        torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * scale)
