@@ -60,7 +60,7 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
                   "rule": _convert(model, backend, min_sparsity, format, fold_bn, True, None),
                   "dense": dense}
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    times = {name: _time_model(m, args) for name, m in candidates.items()}
+    times = _time_models(candidates, args)
     best = min(times, key=times.get)
     chosen = candidates[best]
     chosen.sparsert_choice = dict(choice=best, **{f"{name}_ms": ms for name, ms in times.items()})
@@ -96,16 +96,23 @@ def _convert(model, backend, min_sparsity, format, fold_bn, fuse, example_inputs
     return (fuse_epilogues(model) if fuse else model).eval()
 
 
-def _time_model(model: nn.Module, args: tuple, repeats: int = 5) -> float:
-    """Median ms of model(*args) after a first call (which builds plans and loads kernels)."""
-    times = []
+def _time_models(models: dict[str, nn.Module], args: tuple, min_rounds: int = 7, budget_s: float = 0.5
+                 ) -> dict[str, float]:
+    """Median ms per model, timed round-robin (one call each per round) so that every candidate sees
+    the same machine state; at least `min_rounds` rounds, more while under `budget_s`."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        model(*args)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(*args)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for model in models.values():
+            model(*args)  # first call builds plans and loads kernels
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(*args)
+                times[name].append(time.perf_counter() - t0)
+            rounds += 1
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], example_inputs) -> dict[int, torch.Tensor]:
