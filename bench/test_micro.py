@@ -13,8 +13,8 @@ scipy.sparse is single-threaded). Engines:
                   BSR stores mostly zeros here (density_b16 in the case's extra_info)
   scipy_csr       scipy.sparse.csr_matrix @ x.T (one thread)
   sparsert_numba  SparseLinear.from_dense(..., backend="numba") (format chosen by sparsert: CSR here)
-  sparsert_auto   sparsert.sparsify(nn.Sequential(linear)): what the default policy does, which
-                  keeps the layer dense below sparsert.convert.DEFAULT_MIN_SPARSITY
+  sparsert_auto   sparsert.sparsify(nn.Sequential(linear), example_inputs=x): the `auto` policy
+                  measured at this batch size (sparse or dense, whichever is faster here)
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def make_engine(engine: str, layer: nn.Linear, x: torch.Tensor):
     if engine == "sparsert_numba":
         return sparsert.SparseLinear.from_dense(layer, backend="numba")
     if engine == "sparsert_auto":
-        return sparsert.sparsify(nn.Sequential(layer))
+        return sparsert.sparsify(nn.Sequential(layer), example_inputs=x)
     raise ValueError(f"unknown engine {engine!r}")
 
 

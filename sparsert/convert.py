@@ -96,21 +96,24 @@ def _convert(model, backend, min_sparsity, format, fold_bn, fuse, example_inputs
     return (fuse_epilogues(model) if fuse else model).eval()
 
 
-def _time_models(models: dict[str, nn.Module], args: tuple, min_rounds: int = 7, budget_s: float = 0.5
+def _time_models(models: dict[str, nn.Module], args: tuple, min_rounds: int = 5, budget_s: float = 0.5
                  ) -> dict[str, float]:
-    """Median ms per model, timed round-robin (one call each per round) so that every candidate sees
-    the same machine state; at least `min_rounds` rounds, more while under `budget_s`."""
+    """Median ms per model. Rounds of blocks: in each round every model gets one untimed call, then
+    3 timed calls. Blocks, because a call right after another engine's call pays for that engine's
+    still-spinning OpenMP workers (torch and Numba each bring a pool); rounds, so that slow drift of
+    the machine's state hits every candidate alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():
             model(*args)  # first call builds plans and loads kernels
-        start = time.perf_counter()
-        rounds = 0
-        while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
+        start, rounds = time.perf_counter(), 0
+        while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 100):
             for name, model in models.items():
-                t0 = time.perf_counter()
-                model(*args)
-                times[name].append(time.perf_counter() - t0)
+                model(*args)  # absorbs the switch from the previous engine
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    model(*args)
+                    times[name].append(time.perf_counter() - t0)
             rounds += 1
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
@@ -132,20 +135,10 @@ def _capture_inputs(model: nn.Module, modules: list[nn.Module], example_inputs) 
     return seen
 
 
-def _time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, repeats: int = 7) -> tuple[float, float]:
-    """Median ms of dense(x) and sparse(x), interleaved so both see the same machine state."""
-    dense_times, sparse_times = [], []
-    with torch.no_grad():
-        dense(x), sparse(x)  # warm-up (first call compiles or caches)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            dense(x)
-            t1 = time.perf_counter()
-            sparse(x)
-            t2 = time.perf_counter()
-            dense_times.append(t1 - t0)
-            sparse_times.append(t2 - t1)
-    return statistics.median(dense_times) * 1e3, statistics.median(sparse_times) * 1e3
+def _time_pair(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Median ms of dense(x) and sparse(x), timed as `_time_models` does."""
+    times = _time_models({"dense": dense, "sparse": sparse}, (x,), min_rounds=3, budget_s=0.1)
+    return times["dense"], times["sparse"]
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -283,7 +283,7 @@ def test_example_inputs_return_the_fastest_whole_model(monkeypatch, winner):
 
     model = _pruned(sparsert.models.mlp((32, 64, 10)))
     monkeypatch.setattr(convert, "_time_models",
-                        lambda models, args: {name: 1.0 if name == winner else 2.0 for name in models})
+                        lambda models, args, **timing: {name: 1.0 if name == winner else 2.0 for name in models})
     x = torch.randn(3, 32)
     chosen = sparsert.sparsify(model, example_inputs=x)
     assert chosen.sparsert_choice["choice"] == winner
