@@ -48,24 +48,13 @@ def _load_timing():
 
 
 _timing = _load_timing()
-measure, PERCENTILES = _timing.measure, _timing.PERCENTILES
+measure, PERCENTILES, cpu_model = _timing.measure, _timing.PERCENTILES, _timing.cpu_model
 
 
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

@@ -47,7 +47,7 @@ from . import __version__
 from .checkpoint import strip_pruning
 from .convert import report, sparsify
 from .models import cifar_resnet18, mlp
-from .timing import PERCENTILES, measure  # noqa: F401  (PERCENTILES: part of this module's interface)
+from .timing import PERCENTILES, cpu_model, measure  # noqa: F401  (PERCENTILES: part of this module's interface)
 
 DEFAULT_OUT = os.path.join("sparsert-out", "bench")
 # Sparse output vs the dense torch output: relative tolerance, and absolute tolerance as a fraction
@@ -269,17 +269,6 @@ def versions() -> dict:
     except ImportError:
         out["onnxruntime"] = None
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------- run

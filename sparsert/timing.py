@@ -3,6 +3,7 @@ DeepSparse driver, which runs in a venv without torch, loads this file by path."
 from __future__ import annotations
 
 import os
+import platform
 import time
 from typing import Callable
 
@@ -32,3 +33,15 @@ def measure(fn: Callable[[], object], *, repeats: int, min_time: float, warmup: 
     # Other processes on the cores stall every OpenMP barrier: keep the load seen, to spot noisy runs.
     result["loadavg_1min"] = os.getloadavg()[0]
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, for result files."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
