@@ -245,7 +245,6 @@ def sparse_guard(model: nn.Module):
     allowed = {t.untyped_storage().data_ptr() for m in model.modules() if not isinstance(m, _SparseBase)
                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
     originals = {"linear": F.linear, "conv2d": F.conv2d, "conv1d": F.conv1d}
-    orig_dense = _SparseBase.dense_weight_2d
 
     def trap(name):
         original = originals[name]

@@ -10,7 +10,6 @@ from torch.nn.utils import prune
 from torchvision.models.vision_transformer import VisionTransformer
 
 import sparsert
-from sparsert import ops
 from sparsert.formats import block_density
 from sparsert.modules import _SparseBase
 
