@@ -13,8 +13,7 @@ from numba import njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import gather_columns_par, gather_columns_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
-from .linear import (NARROW_MAX_COLUMNS, bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq,
-                     csr_spmm_narrow_par, csr_spmm_narrow_seq, csr_spmm_par, csr_spmm_seq)
+from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
@@ -132,7 +131,7 @@ def run_plan(ops, arena, f32, u32, x):
             res = arena[p[5]:p[5] + p[4] * p[2]].reshape((p[4], p[2])) if has_res else out
             indptr, indices = u32[p[7]:p[7] + p[4] + 1], u32[p[8]:p[8] + p[9]]
             values, bias = f32[p[10]:p[10] + p[9]], f32[p[11]:p[11] + p[4]]
-            _spmm(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out, par)
+            csr_spmm_dispatch(indptr, indices, values, cols, bias, res, has_res, p[6] != 0, out, par)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc
             n_batch = p[4]
@@ -152,7 +151,7 @@ def run_plan(ops, arena, f32, u32, x):
                 else:
                     csr_matvec_seq(indptr, indices, values, xt[:, 0], bias, relu, out[:, 0])
             else:
-                _spmm(indptr, indices, values, xt, bias, out, False, relu, out, par)
+                csr_spmm_dispatch(indptr, indices, values, xt, bias, out, False, relu, out, par)
         elif code == MAXPOOL:  # p: in, out, C, N, H, W, OH, OW, kernel, stride, pad
             src = arena[p[0]:p[0] + p[2] * p[3] * p[4] * p[5]].reshape((p[2], p[3], p[4], p[5]))
             dst = arena[p[1]:p[1] + p[2] * p[3] * p[6] * p[7]].reshape((p[2], p[3], p[6], p[7]))
@@ -187,16 +186,3 @@ def run_plan(ops, arena, f32, u32, x):
                         dst[c * hw + q, n] = src[c, n, q]
 
 
-
-@njit(**OPTIONS)
-def _spmm(indptr, indices, values, xt, bias, res, has_res, relu, out, par):
-    """CSR SpMM; the narrow kernel for few columns (tiny maps at batch 1)."""
-    if xt.shape[1] <= NARROW_MAX_COLUMNS:
-        if par:
-            csr_spmm_narrow_par(indptr, indices, values, xt, bias, res, has_res, relu, out)
-        else:
-            csr_spmm_narrow_seq(indptr, indices, values, xt, bias, res, has_res, relu, out)
-    elif par:
-        csr_spmm_par(indptr, indices, values, xt, bias, res, has_res, relu, out)
-    else:
-        csr_spmm_seq(indptr, indices, values, xt, bias, res, has_res, relu, out)

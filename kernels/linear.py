@@ -10,7 +10,9 @@ a parallel launch costs ~10 us, more than the whole product for small layers at 
 import numpy as np
 from numba import prange
 
-from ._jit import relu_or_identity, twin
+from numba import njit
+
+from ._jit import OPTIONS, relu_or_identity, twin
 
 
 def _csr_matvec(indptr, indices, data, x, bias, relu, out):
@@ -129,7 +131,23 @@ def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
 csr_matvec_par, csr_matvec_seq = twin(_csr_matvec)
 csr_spmm_par, csr_spmm_seq = twin(_csr_spmm)
 csr_spmm_narrow_par, csr_spmm_narrow_seq = twin(_csr_spmm_narrow)
+
+
+@njit(**OPTIONS)
+def csr_spmm_dispatch(indptr, indices, data, xt, bias, residual, has_residual, relu, out, parallel):
+    """`_csr_spmm`, taking the narrow kernel for few columns and the parallel twin when asked:
+    the one place that choice is made, for the eager ops and the plan executor alike."""
+    if xt.shape[1] <= NARROW_MAX_COLUMNS:
+        if parallel:
+            csr_spmm_narrow_par(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
+        else:
+            csr_spmm_narrow_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
+    elif parallel:
+        csr_spmm_par(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
+    else:
+        csr_spmm_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
 bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
 
 __all__ = ["NARROW_MAX_COLUMNS", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_narrow_par", "csr_spmm_narrow_seq",
+           "csr_spmm_dispatch",
            "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par", "bsr_spmm_seq"]

@@ -93,14 +93,14 @@ def linear_numba(x2d, layer):
         return out.unsqueeze(0)
     xt = x2d.t().contiguous()  # free when x2d is itself a transposed view of a previous output
     out = torch.empty(layer.out_features, n_batch, dtype=x2d.dtype)
-    name = "csr_spmm" if layer.format == "csr" else "bsr_spmm"
     par = _parallel(values.size * n_batch)
-    kernel = getattr(kernels, f"{name}_{'par' if par else 'seq'}")
     if layer.format == "csr":
-        spmm(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False, layer.relu, out.numpy(), par)
+        kernels.csr_spmm_dispatch(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False,
+                                  layer.relu, out.numpy(), par)
     else:
+        kernel = kernels.bsr_spmm_par if par else kernels.bsr_spmm_seq
         kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
-    CALLS[f"numba.{name}"] += 1
+    CALLS[f"numba.{layer.format}_spmm"] += 1
     return out.t()
 
 
@@ -135,6 +135,12 @@ def linear_torch(x2d, layer):
 
 
 # ----------------------------------------------------------------------------------------- Conv2d
+def conv_rows_per_tile(packed_rows: int, wq: int) -> int:
+    """Grid rows per direct-conv work item (see CONV_TILE_MAX / CONV_TILE_L2)."""
+    tile = min(CONV_TILE_MAX, max(128, CONV_TILE_L2 // packed_rows))
+    return max(1, tile // wq)
+
+
 def conv_geometry(height, width, pads, stride, dilation, kernel_size):
     """Output size, and the phase-grid size (hq, wq) of the packed input."""
     pad_t, pad_b, pad_l, pad_r = pads
@@ -182,8 +188,7 @@ def conv2d_numba(x, layer, residual=None, relu=False):
         pack = kernels.pack_input_par if par else kernels.pack_input_seq
         flat, strides = flat_with_strides(x)
         pack(flat, strides, *x.shape, pads[0], pads[2], stride[0], stride[1], hq, wq, xq.numpy())
-    tile = min(CONV_TILE_MAX, max(128, CONV_TILE_L2 // xq.shape[0]))
-    rows_per_tile = max(1, tile // wq)
+    rows_per_tile = conv_rows_per_tile(xq.shape[0], wq)
     # get_thread_id() can reach the pool size even after numba.set_num_threads() lowered the count
     scratch = torch.empty(numba.config.NUMBA_NUM_THREADS, rows_per_tile * wq, dtype=x.dtype)
     has_residual = residual is not None
@@ -219,18 +224,10 @@ def _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w):
     out2d = out.view(layer.out_channels, pixels)
     has_residual = residual is not None
     res = residual.detach().transpose(0, 1).reshape(layer.out_channels, pixels) if has_residual else out2d
-    spmm(indptr, indices, values, cols.numpy(), bias, res.numpy(), has_residual, relu, out2d.numpy(), par)
+    kernels.csr_spmm_dispatch(indptr, indices, values, cols.numpy(), bias, res.numpy(), has_residual, relu,
+                              out2d.numpy(), par)
     CALLS["numba.im2col_conv"] += 1
     return out.permute(1, 0, 2, 3)
-
-
-def spmm(indptr, indices, values, xt, bias, residual, has_residual, relu, out, par):
-    """CSR SpMM, picking the narrow kernel for outputs of few columns (tiny maps at batch 1)."""
-    if xt.shape[1] <= kernels.NARROW_MAX_COLUMNS:
-        kernel = kernels.csr_spmm_narrow_par if par else kernels.csr_spmm_narrow_seq
-    else:
-        kernel = kernels.csr_spmm_par if par else kernels.csr_spmm_seq
-    kernel(indptr, indices, values, xt, bias, residual, has_residual, relu, out)
 
 
 def conv2d_torch(x, layer, residual=None, relu=False):

@@ -414,8 +414,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         xq_rows, xq_len = c * sh * sw, n * hq * wq + max_off
         xq_off = b.alloc(xq_rows * xq_len)
         b.emit(ex.PACK, xq_rows * xq_len, off_in, xq_off, c, n, h, w, m.pads[0], m.pads[2], sh, sw, hq, wq, xq_len)
-    tile = min(ops.CONV_TILE_MAX, max(128, ops.CONV_TILE_L2 // xq_rows))
-    rows_per_tile = max(1, tile // wq)
+    rows_per_tile = ops.conv_rows_per_tile(xq_rows, wq)
     threads = numba.config.NUMBA_NUM_THREADS
     scratch = b.alloc(threads * rows_per_tile * wq)
     taps = np.concatenate([m.tap_chan.numpy(), m.tap_dy.numpy(), m.tap_dx.numpy()])

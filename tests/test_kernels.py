@@ -366,7 +366,8 @@ _CACHE_SCRIPT = textwrap.dedent("""
                                path=disp.stats.cache_path, sigs=len(disp.signatures))
     print("STATS" + json.dumps(dict(stats=stats, kernels_dir=os.path.dirname(kernels.__file__))))
 """)
-EXPECTED_CACHED = {"csr_matvec_seq", "csr_spmm_seq", "pack_input_seq", "sparse_conv_seq"}
+# csr_spmm_dispatch carries csr_spmm_seq compiled into its own cache entry
+EXPECTED_CACHED = {"csr_matvec_seq", "csr_spmm_dispatch", "pack_input_seq", "sparse_conv_seq"}
 
 
 def _run_cache_script(tmp_path, env_extra, launch_threads=True):
@@ -382,6 +383,15 @@ def _run_cache_script(tmp_path, env_extra, launch_threads=True):
     return json.loads(line[len("STATS"):])
 
 
+def _cache_file_tag(name: str) -> str:
+    """Cache files: <module>._<kernel>_seq- / <module>._<kernel>- for twins, <module>.<name>- otherwise."""
+    if name.endswith("_seq"):
+        return f"._{name[:-4]}_seq-"
+    if name.endswith("_par"):
+        return f"._{name[:-4]}-"
+    return f".{name}-"
+
+
 def test_numba_kernels_cached_next_to_installed_kernels(tmp_path):
     """Two processes: the second loads every kernel it runs from the on-disk cache in the installed
     kernels' __pycache__ (no compile: cache misses 0)."""
@@ -394,7 +404,7 @@ def test_numba_kernels_cached_next_to_installed_kernels(tmp_path):
         assert st["misses"] == 0 and st["hits"] >= st["sigs"] >= 1, f"{name} was compiled again: {st}"
     files = os.listdir(cache_dir)
     for name in second["stats"]:  # <module>._<kernel>[_seq]-<line>.py<ver>.nbi / .<n>.nbc
-        tag = f"._{name[:-4]}_seq-" if name.endswith("_seq") else f"._{name[:-4]}-"
+        tag = _cache_file_tag(name)
         assert any(f.endswith(".nbi") and tag in f for f in files), (name, files)
         assert any(f.endswith(".nbc") and tag in f for f in files), (name, files)
 
@@ -417,7 +427,9 @@ def test_numba_cache_fresh_directory_compiles_once(compiled_cache):
     found = [f for _, _, fs in os.walk(env["NUMBA_CACHE_DIR"]) for f in fs]
     assert any(f.endswith(".nbi") for f in found) and any(f.endswith(".nbc") for f in found), found
     second = _run_cache_script(work, env)
-    assert set(second["stats"]) == set(first["stats"])
+    # The first process also compiles kernels called from inside others (csr_spmm_dispatch's); the
+    # second loads those compiled into their caller's entry, so it sees a subset, never a new one.
+    assert EXPECTED_CACHED <= set(second["stats"]) <= set(first["stats"])
     for name, st in second["stats"].items():
         assert st["misses"] == 0 and st["hits"] >= 1, (name, st)
 
