@@ -37,8 +37,8 @@ def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
     that input's batch size: each candidate layer is timed dense and sparse on the input it receives
     there and stays dense unless sparse is faster (timings on each layer as `.measured`); then that
     model, the one the `min_sparsity` rule alone gives, and the plain dense model are timed end to end
-    and the fastest is returned (its `.sparsert_choice` says which), so `auto` never returns a model
-    slower than dense at the measured shape."""
+    and the fastest as measured is returned (its `.sparsert_choice` says which, with the timings):
+    slower than dense only by the timing noise of that measurement."""
     ops.check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
