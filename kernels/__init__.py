@@ -6,13 +6,14 @@ import numba
 numba.get_num_threads()
 
 from .conv import (PADDING, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
-                   sparse_conv_par, sparse_conv_seq)
-from .linear import (NARROW_MAX_COLUMNS, bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq,
-                     csr_spmm_dispatch, csr_spmm_narrow_par, csr_spmm_narrow_seq, csr_spmm_par, csr_spmm_seq)
+                   sparse_conv_par, sparse_conv_seq, tap_offsets)
+from .linear import (bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_dispatch, csr_spmm_par,
+                     csr_spmm_seq)
+from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 __all__ = [
     "PADDING", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq",
-    "sparse_conv_par", "sparse_conv_seq",
-    "NARROW_MAX_COLUMNS", "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_matvec_seq",
-    "csr_spmm_dispatch", "csr_spmm_narrow_par", "csr_spmm_narrow_seq", "csr_spmm_par", "csr_spmm_seq",
+    "sparse_conv_par", "sparse_conv_seq", "tap_offsets",
+    "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par",
+    "csr_spmm_seq", "STRIP_VECTORS", "VECTOR_BYTES", "row_strip",
 ]

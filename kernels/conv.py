@@ -8,9 +8,10 @@ whatever the kernel size, stride, dilation or groups. Grid positions with ow >= 
 are computed and discarded; the epilogue writes only valid pixels, fusing bias, residual and ReLU.
 """
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import get_thread_id, prange
 
-from ._jit import OPTIONS, relu_or_identity, twin
+from ._jit import relu_or_identity, twin
+from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 
 def _pack_input(x, x_strides, n_img, n_chan, height, width, pad_top, pad_left, stride_h, stride_w, hq, wq, out):
@@ -55,25 +56,17 @@ def _pack_input(x, x_strides, n_img, n_chan, height, width, pad_top, pad_left, s
             row[j] = 0.0
 
 
-@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
-def _tap(xq, chan, dy, dx, k, q0, wq, length):
-    """The packed-input slice nonzero k multiplies into a tile starting at grid position q0.
-    Sliced here and indexed by the bare loop counter by callers: 4x faster than xq[c, start + t],
-    whose offset arithmetic kept Numba's wraparound check inside the vector loop."""
-    start = q0 + dy[k] * wq + dx[k]
-    return xq[chan[k], start:start + length]
-
-
-def _sparse_conv(indptr, chan, dy, dx, data, xq, hq, wq, bias, residual, has_residual, relu,
-                 rows_per_tile, scratch, out):
+def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual, relu, rows_per_tile, scratch, out):
     """Direct sparse conv over the packed input; epilogue out = relu?(acc + bias + residual).
 
-    In: CSR rows = output channels with per-nonzero (chan, dy, dx, data); xq from `_pack_input`;
-    residual[Cout, N, OH, OW] (ignored unless has_residual); scratch[n_threads, rows_per_tile*wq].
+    In: CSR rows = output channels; per nonzero k, offsets[k] = chan * xq_len + dy * wq + dx (its tap's
+    shift into the flat packed input) and data[k]; xq[rows, xq_len] from `_pack_input`, C-contiguous;
+    residual[Cout, N, OH, OW] (ignored unless has_residual); scratch[n_threads, >= rows_per_tile*wq].
     Out: out[Cout, N, OH, OW]. Cost: O(nnz * N * hq * wq)."""
     n_out, n_img, out_h, out_w = out.shape
     grid_rows = n_img * hq
     n_tiles = (grid_rows + rows_per_tile - 1) // rows_per_tile
+    width = STRIP_VECTORS * VECTOR_BYTES // xq.itemsize
     # Tile-major order: consecutive items share one tile of grid rows, so that tile's slice of every
     # input channel stays in L2 while all output channels read it (co-major streamed it from L3).
     for item in prange(n_out * n_tiles):
@@ -82,29 +75,13 @@ def _sparse_conv(indptr, chan, dy, dx, data, xq, hq, wq, bias, residual, has_res
         r1 = min(r0 + rows_per_tile, grid_rows)
         q0 = r0 * wq
         length = (r1 - r0) * wq
-        acc = scratch[get_thread_id()]
-        for t in range(length):
-            acc[t] = 0.0
-        # Four nonzeros per pass over the tile: one accumulator load/store serves four FMAs
-        # (1.1-1.5x over one at a time, A/B-measured).
-        k = indptr[co]
-        end = indptr[co + 1]
-        while k + 4 <= end:
-            w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-            s0 = _tap(xq, chan, dy, dx, k, q0, wq, length)
-            s1 = _tap(xq, chan, dy, dx, k + 1, q0, wq, length)
-            s2 = _tap(xq, chan, dy, dx, k + 2, q0, wq, length)
-            s3 = _tap(xq, chan, dy, dx, k + 3, q0, wq, length)
-            for t in range(length):
-                acc[t] += (w0 * s0[t] + w1 * s1[t]) + (w2 * s2[t] + w3 * s3[t])
-            k += 4
-        while k < end:
-            w = data[k]
-            src = _tap(xq, chan, dy, dx, k, q0, wq, length)
-            for t in range(length):
-                acc[t] += w * src[t]
-            k += 1
-        b = bias[co]
+        thread = get_thread_id()
+        base = thread * scratch.shape[1]
+        # The tile's grid values in strips of register-held accumulators (`strip.row_strip`).
+        for s0 in range(0, length, width):
+            row_strip(xq, q0 + s0, 1, offsets, data, indptr[co], indptr[co + 1], bias[co], scratch, base + s0,
+                      min(width, length - s0), scratch, 0, False, False)
+        acc = scratch[thread]
         for r in range(r0, r1):
             n = r // hq
             oh = r - n * hq
@@ -115,19 +92,26 @@ def _sparse_conv(indptr, chan, dy, dx, data, xq, hq, wq, bias, residual, has_res
             if has_residual:
                 res = residual[co, n, oh]
                 for ow in range(out_w):
-                    v = row[ow] + b + res[ow]
-                    dst[ow] = relu_or_identity(v, relu)
+                    dst[ow] = relu_or_identity(row[ow] + res[ow], relu)
+            elif relu:
+                for ow in range(out_w):
+                    dst[ow] = relu_or_identity(row[ow], True)
             else:
                 for ow in range(out_w):
-                    v = row[ow] + b
-                    dst[ow] = relu_or_identity(v, relu)
+                    dst[ow] = row[ow]
+
+
+def tap_offsets(chan, dy, dx, row_len: int, wq: int):
+    """Per nonzero, its shift into the flat packed input: chan * row_len + dy * wq + dx (unsigned)."""
+    offsets = chan.astype(np.uint64) * np.uint64(row_len) + dy.astype(np.uint64) * np.uint64(wq) + dx.astype(np.uint64)
+    return offsets.astype(np.uint32) if offsets.size == 0 or offsets.max() < 2 ** 32 else offsets
 
 
 def _gather_columns(planes, table, out):
     """im2col: out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING.
 
     In: planes[C, N*H*W] (a CNHW activation, unpadded), table[taps, P] from `im2col_table`.
-    Out: out[C*taps, P]. One table lookup per value: the padding test is the only branch, and no
+    Out: out[C*taps, >= P] (the first P columns written). One table lookup per value: the padding test is the only branch, and no
     packed copy of the input is needed (per-pixel bounds logic ran at ~2 ns per value on 4x4 maps)."""
     taps = table.shape[0]
     n_pix = table.shape[1]
@@ -144,7 +128,7 @@ pack_input_par, pack_input_seq = twin(_pack_input)
 gather_columns_par, gather_columns_seq = twin(_gather_columns)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 
-__all__ = ["gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

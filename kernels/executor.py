@@ -97,35 +97,33 @@ def run_plan(ops, arena, f32, u32, x):
                 pack_input_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
         elif code == CONV:
             # p: xq, xq_rows, xq_len, out, Cout, N, OH, OW, residual (-1: none), relu, hq, wq,
-            #    rows_per_tile, scratch, scratch_rows, indptr, taps(chan|dy|dx), nnz, values, bias
+            #    rows_per_tile, scratch, scratch_rows, indptr, tap offsets, nnz, values, bias, scratch_row_len
             xq = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
             shape = (p[4], p[5], p[6], p[7])
             size = p[4] * p[5] * p[6] * p[7]
             out = arena[p[3]:p[3] + size].reshape(shape)
             has_res = p[8] >= 0
             res = arena[p[8]:p[8] + size].reshape(shape) if has_res else out
-            scratch = arena[p[13]:p[13] + p[14] * p[12] * p[11]].reshape((p[14], p[12] * p[11]))
-            indptr = u32[p[15]:p[15] + p[4] + 1]
-            nnz = p[17]
-            chan, dy, dx = u32[p[16]:p[16] + nnz], u32[p[16] + nnz:p[16] + 2 * nnz], u32[p[16] + 2 * nnz:p[16] + 3 * nnz]
-            values, bias = f32[p[18]:p[18] + nnz], f32[p[19]:p[19] + p[4]]
+            scratch = arena[p[13]:p[13] + p[14] * p[20]].reshape((p[14], p[20]))
+            indptr, offsets = u32[p[15]:p[15] + p[4] + 1], u32[p[16]:p[16] + p[17]]
+            values, bias = f32[p[18]:p[18] + p[17]], f32[p[19]:p[19] + p[4]]
             if par:
-                sparse_conv_par(indptr, chan, dy, dx, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0,
-                                p[12], scratch, out)
+                sparse_conv_par(indptr, offsets, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0, p[12],
+                                scratch, out)
             else:
-                sparse_conv_seq(indptr, chan, dy, dx, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0,
-                                p[12], scratch, out)
-        elif code == IM2COL:  # p: activation (CNHW), plane_len (N*H*W), out, C, taps, P, table (u32 offset)
+                sparse_conv_seq(indptr, offsets, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0, p[12],
+                                scratch, out)
+        elif code == IM2COL:  # p: activation (CNHW), plane_len (N*H*W), out, C, taps, P, table (u32 offset), row_len
             planes = arena[p[0]:p[0] + p[3] * p[1]].reshape((p[3], p[1]))
-            cols = arena[p[2]:p[2] + p[3] * p[4] * p[5]].reshape((p[3] * p[4], p[5]))
+            cols = arena[p[2]:p[2] + p[3] * p[4] * p[7]].reshape((p[3] * p[4], p[7]))
             table = u32[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5]))
             if par:
                 gather_columns_par(planes, table, cols)
             else:
                 gather_columns_seq(planes, table, cols)
         elif code == CONV_GEMM:
-            # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias
-            cols = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
+            # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, row_len
+            cols = arena[p[0]:p[0] + p[1] * p[12]].reshape((p[1], p[12]))
             out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
             has_res = p[5] >= 0
             res = arena[p[5]:p[5] + p[4] * p[2]].reshape((p[4], p[2])) if has_res else out

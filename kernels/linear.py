@@ -13,6 +13,7 @@ from numba import prange
 from numba import njit
 
 from ._jit import OPTIONS, relu_or_identity, twin
+from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 
 def _csr_matvec(indptr, indices, data, x, bias, relu, out):
@@ -26,77 +27,22 @@ def _csr_matvec(indptr, indices, data, x, bias, relu, out):
         out[i] = relu_or_identity(acc, relu)
 
 
-# Columns per work item: a 64-column slab of xt (n_col x 256 B) stays in L2 while every row
-# reads it; whole rows of a 1024-column im2col matrix came from L3 and ran 3-5x slower.
-SPMM_CHUNK = 64
-
-
 def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out):
     """out[i, :] = relu?(bias[i] + sum(data[k] * xt[indices[k], :]) + residual[i, :]).
 
-    In: xt[n_col, B] (C-contiguous), residual[n_row, B] (ignored unless has_residual).
-    Out: out[n_row, B]. Cost: O(nnz * B). Also the GEMM half of im2col convs (B = pixels)."""
+    In: xt[n_col, >= B] (its first B columns are read), residual[n_row, B] (ignored unless has_residual),
+    all C-contiguous. Out: out[n_row, B]. Cost: O(nnz * B). Also the GEMM half of im2col convs (B = pixels).
+    Each work item is one row times one strip of up to 64 columns (`strip.row_strip`, accumulators in
+    registers); items run strip-major, so consecutive items share one slab of xt in L2."""
     n_row, n_batch = out.shape
-    n_chunks = (n_batch + SPMM_CHUNK - 1) // SPMM_CHUNK
-    for item in prange(n_chunks * n_row):  # chunk-major: consecutive items share one slab
+    width = STRIP_VECTORS * VECTOR_BYTES // xt.itemsize
+    n_strips = (n_batch + width - 1) // width
+    for item in prange(n_strips * n_row):
         i = item % n_row
-        j0 = (item // n_row) * SPMM_CHUNK
-        j1 = min(j0 + SPMM_CHUNK, n_batch)
-        width = j1 - j0
-        acc = out[i, j0:j1]
-        b = bias[i]
-        for j in range(width):
-            acc[j] = b
-        # Four nonzeros per pass: one accumulator load/store serves four FMAs.
-        k = indptr[i]
-        end = indptr[i + 1]
-        while k + 4 <= end:
-            w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-            s0, s1 = xt[indices[k], j0:j1], xt[indices[k + 1], j0:j1]
-            s2, s3 = xt[indices[k + 2], j0:j1], xt[indices[k + 3], j0:j1]
-            for j in range(width):
-                acc[j] += (w0 * s0[j] + w1 * s1[j]) + (w2 * s2[j] + w3 * s3[j])
-            k += 4
-        while k < end:
-            w = data[k]
-            src = xt[indices[k], j0:j1]
-            for j in range(width):
-                acc[j] += w * src[j]
-            k += 1
-        if has_residual:
-            res = residual[i, j0:j1]
-            for j in range(width):
-                acc[j] = relu_or_identity(acc[j] + res[j], relu)
-        elif relu:
-            for j in range(width):
-                acc[j] = relu_or_identity(acc[j], True)
-
-
-NARROW_MAX_COLUMNS = 16
-
-
-def _csr_spmm_narrow(indptr, indices, data, xt, bias, residual, has_residual, relu, out):
-    """`_csr_spmm` for B <= NARROW_MAX_COLUMNS (1-4 pixel maps at batch 1): flat unsigned indexing,
-    because building a row slice per nonzero costs more than its few multiply-adds."""
-    n_row, n_batch = out.shape
-    width = np.uintp(n_batch)
-    flat = xt.ravel()
-    for i in prange(n_row):
-        acc = out[i]
-        for j in range(n_batch):
-            acc[j] = bias[i]
-        for k in range(indptr[i], indptr[i + 1]):
-            w = data[k]
-            base = np.uintp(indices[k]) * width
-            for j in range(n_batch):
-                acc[j] += w * flat[base + np.uintp(j)]
-        if has_residual:
-            res = residual[i]
-            for j in range(n_batch):
-                acc[j] = relu_or_identity(acc[j] + res[j], relu)
-        elif relu:
-            for j in range(n_batch):
-                acc[j] = relu_or_identity(acc[j], True)
+        j0 = (item // n_row) * width
+        row_start = i * n_batch + j0
+        row_strip(xt, j0, xt.shape[1], indices, data, indptr[i], indptr[i + 1], bias[i], out, row_start,
+                  min(width, n_batch - j0), residual, row_start, has_residual, relu)
 
 
 def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
@@ -130,24 +76,17 @@ def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):
 
 csr_matvec_par, csr_matvec_seq = twin(_csr_matvec)
 csr_spmm_par, csr_spmm_seq = twin(_csr_spmm)
-csr_spmm_narrow_par, csr_spmm_narrow_seq = twin(_csr_spmm_narrow)
+bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
 
 
 @njit(**OPTIONS)
 def csr_spmm_dispatch(indptr, indices, data, xt, bias, residual, has_residual, relu, out, parallel):
-    """`_csr_spmm`, taking the narrow kernel for few columns and the parallel twin when asked:
-    the one place that choice is made, for the eager ops and the plan executor alike."""
-    if xt.shape[1] <= NARROW_MAX_COLUMNS:
-        if parallel:
-            csr_spmm_narrow_par(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
-        else:
-            csr_spmm_narrow_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
-    elif parallel:
+    """`_csr_spmm` on the parallel twin when asked: one call site for the eager ops and the plan."""
+    if parallel:
         csr_spmm_par(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
     else:
         csr_spmm_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
-bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
 
-__all__ = ["NARROW_MAX_COLUMNS", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_narrow_par", "csr_spmm_narrow_seq",
-           "csr_spmm_dispatch",
-           "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par", "bsr_spmm_seq"]
+
+__all__ = ["csr_matvec_par", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par",
+           "bsr_spmm_seq"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import ops
 from .formats import BSR, CSR, choose_format
-from .kernels import im2col_table
+from .kernels import im2col_table, tap_offsets
 
 
 def _pair(v) -> tuple[int, int]:
@@ -212,6 +212,7 @@ class SparseConv2d(_SparseBase):
     def _decode_taps(self):
         """Per nonzero: packed-input channel (input channel x stride phase) and tap offset (dy, dx)."""
         self._numba_cache = (None, None)
+        self.__dict__["_tap_offsets"] = {}
         if self.format != "csr":
             raise NotImplementedError(f"{self.layer_name}: SparseConv2d stores CSR weights")
         kh, kw = self.kernel_size
@@ -225,6 +226,14 @@ class SparseConv2d(_SparseBase):
         self.register_buffer("tap_dx", torch.from_numpy((ox // sw).astype(np.int32)), persistent=False)
         self.max_dy = int(oy.max() // sh) if len(cols) else 0
         self.max_dx = int(ox.max() // sw) if len(cols) else 0
+
+    def tap_offsets(self, row_len: int, wq: int) -> np.ndarray:
+        """Per nonzero, its shift into the flat packed input (kernels.tap_offsets), cached per geometry."""
+        cache = self.__dict__["_tap_offsets"]
+        if (row_len, wq) not in cache:
+            _, _, chan, dy, dx, _, _ = self.numba_arrays()
+            cache[(row_len, wq)] = tap_offsets(chan, dy, dx, row_len, wq)
+        return cache[(row_len, wq)]
 
     def im2col_table(self, n_img, height, width, out_h, out_w) -> np.ndarray:
         """Gather table for the im2col path (kernels.im2col_table), cached per input geometry."""

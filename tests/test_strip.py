@@ -1,0 +1,93 @@
+"""The register-tiled strip micro-kernel (kernels.strip) on its own: every vector count, masked tails,
+both float dtypes, the fused epilogue, and the layout helpers that keep its loads on cache lines."""
+import numpy as np
+import pytest
+from numba import njit
+
+from sparsert import kernels, ops
+from sparsert.plan import aligned_empty
+
+
+@njit(cache=False)
+def _strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu):
+    kernels.row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+
+
+def _reference(x, x0, stride, indices, values, k0, k1, init, n_valid, res, r, has_res, relu):
+    acc = np.full(n_valid, init, dtype=np.float64)
+    for k in range(k0, k1):
+        start = x0 + int(indices[k]) * stride
+        acc += float(values[k]) * x[start:start + n_valid].astype(np.float64)
+    if has_res:
+        acc += res[r:r + n_valid]
+    if relu:
+        acc = np.where(acc < 0, 0.0, acc)
+    return acc
+
+
+def _widths(dtype):
+    lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
+    top = kernels.STRIP_VECTORS * lanes
+    return sorted({1, 2, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, top - 1, top})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("index_dtype", [np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("has_res,relu", [(False, False), (True, False), (False, True), (True, True)])
+def test_strip_matches_reference_at_every_width(dtype, index_dtype, has_res, relu, gen):
+    rng = np.random.default_rng(int(gen.initial_seed()))
+    x = rng.standard_normal(4000).astype(dtype)
+    indices = rng.integers(0, 30, 23).astype(index_dtype)
+    values = rng.standard_normal(23).astype(dtype)
+    res = rng.standard_normal(400).astype(dtype)
+    for n_valid in _widths(dtype):
+        out = np.full(400, 7.0, dtype=dtype)
+        _strip(x, 5, 100, indices, values, 3, 20, 0.25, out, 11, n_valid, res, 40, has_res, relu)
+        expected = _reference(x, 5, 100, indices, values, 3, 20, 0.25, n_valid, res, 40, has_res, relu)
+        np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
+        # the masked last vector writes nothing past n_valid, nothing before o
+        assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
+
+
+def test_strip_with_no_nonzeros_writes_init():
+    x = np.ones(64, np.float32)
+    out = np.full(40, 7.0, np.float32)
+    _strip(x, 0, 1, np.zeros(4, np.uint32), np.ones(4, np.float32), 2, 2, 1.5, out, 3, 5, out, 0, False, False)
+    assert (out[3:8] == 1.5).all() and (out[:3] == 7.0).all() and (out[8:] == 7.0).all()
+
+
+def test_strip_relu_keeps_nan_and_zeroes_minus_inf():
+    x = np.array([np.nan, -np.inf, -1.0, 2.0] + [0.0] * 12, np.float32)
+    out = np.zeros(16, np.float32)
+    _strip(x, 0, 1, np.zeros(1, np.uint32), np.ones(1, np.float32), 0, 1, 0.0, out, 0, 4, out, 0, False, True)
+    assert np.isnan(out[0]) and out[1] == 0.0 and out[2] == 0.0 and out[3] == 2.0
+
+
+def test_strip_refuses_signed_indices_and_strided_arrays():
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    with pytest.raises(Exception, match="unsigned"):
+        _strip(x, 0, 1, np.zeros(2, np.int32), np.ones(2, np.float32), 0, 2, 0.0, out, 0, 4, out, 0, False, False)
+    with pytest.raises(Exception, match="C-contiguous"):
+        _strip(x[::2], 0, 1, np.zeros(2, np.uint32), np.ones(2, np.float32), 0, 2, 0.0, out, 0, 4, out, 0, False,
+               False)
+
+
+def test_tap_offsets_are_flat_shifts_and_widen_past_uint32():
+    chan, dy, dx = np.array([0, 2, 1], np.uint32), np.array([0, 1, 2], np.uint32), np.array([1, 0, 2], np.uint32)
+    offsets = kernels.tap_offsets(chan, dy, dx, 1000, 34)
+    assert offsets.dtype == np.uint32 and offsets.tolist() == [1, 2034, 1070]
+    wide = kernels.tap_offsets(np.array([5], np.uint32), np.zeros(1, np.uint32), np.zeros(1, np.uint32), 2 ** 30, 8)
+    assert wide.dtype == np.uint64 and int(wide[0]) == 5 * 2 ** 30
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 1000, 1024, 1040, 4096])
+def test_packed_row_len_is_an_odd_number_of_cache_lines(length):
+    row = ops.packed_row_len(length)
+    assert row >= length and row % 16 == 0 and (row // 16) % 2 == 1 and row - length < 32
+
+
+@pytest.mark.parametrize("size", [1, 17, 1000, 1 << 20])
+def test_plan_arena_starts_on_a_cache_line(size):
+    a = aligned_empty(size)
+    assert a.shape == (size,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
