@@ -17,47 +17,58 @@ from .modules import SparseConv2d, SparseLinear, _SparseBase, block_diagonal
 
 # Sparse kernels beat dense ones from about this weight sparsity on (bench/RESULTS.md, micro table).
 DEFAULT_MIN_SPARSITY = 0.7
+# With example inputs and no explicit min_sparsity, every layer at least this sparse is timed dense vs
+# sparse: the strip kernels beat MKL at 50-70% sparsity on a 4096x4096 Linear (bench/RESULTS.md), so a
+# fixed 0.7 rule kept layers dense that measured faster sparse. Denser layers never win, so they are
+# not timed at all.
+MEASURE_MIN_SPARSITY = 0.25
 
 # Parents whose forward reads a child's `.weight` tensor directly instead of calling it.
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def sparsify(model: nn.Module, *, inplace: bool = False, backend: str = "auto",
-             min_sparsity: float = DEFAULT_MIN_SPARSITY, format: str = "auto", fold_bn: bool = True,
+             min_sparsity: float | None = None, format: str = "auto", fold_bn: bool = True,
              fuse: bool = True, example_inputs=None) -> nn.Module:
     """Return an eval-mode copy of `model` with its sparse-enough Linear/Conv2d layers on sparse weights.
 
     Prune reparametrizations are baked in first; BatchNorm after a conv is folded into it where exact
-    (eval mode, conv output used only by the BN). Layers below `min_sparsity` stay dense, as do
-    layers whose parent reads their `.weight` directly (nn.MultiheadAttention's out_proj).
+    (eval mode, conv output used only by the BN). Layers below `min_sparsity` (default
+    DEFAULT_MIN_SPARSITY) stay dense, as do layers whose parent reads their `.weight` directly
+    (nn.MultiheadAttention's out_proj).
     `inplace=True` converts the passed object itself (same identity, no fusion) and returns it.
     With `fuse`, ReLUs and residual adds after sparse layers run in the kernels' epilogues, and the
     result is a torch.fx.GraphModule with the same submodule names (see sparsert.fuse).
     With `example_inputs` (a tensor, or a tuple of positional arguments) the choice is measured at
     that input's batch size: each candidate layer is timed dense and sparse on the input it receives
-    there and stays dense unless sparse is faster (timings on each layer as `.measured`); then that
+    there and stays dense unless sparse is faster (timings on each layer as `.measured`; without an
+    explicit `min_sparsity`, every layer at least MEASURE_MIN_SPARSITY sparse is a candidate); then that
     model, the one the `min_sparsity` rule alone gives, and the plain dense model are timed end to end
     and the fastest as measured is returned (its `.sparsert_choice` says which, with the timings):
     slower than dense only by the timing noise of that measurement."""
     ops.check_backend(backend)
-    if not 0.0 <= min_sparsity <= 1.0:
+    if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+    rule = DEFAULT_MIN_SPARSITY if min_sparsity is None else min_sparsity
+    measure_from = MEASURE_MIN_SPARSITY if min_sparsity is None else min_sparsity
     if inplace:
         # Convert a copy, then move its state into the caller's object: an error half-way leaves the
         # caller's model untouched. No fusion: the caller's own forward still applies its ReLUs/adds.
-        converted = _convert(model, backend, min_sparsity, format, fold_bn, False, example_inputs)
+        converted = _convert(model, backend, rule if example_inputs is None else measure_from, format, fold_bn,
+                             False, example_inputs)
         if converted is not model and type(converted) is type(model):
             model.__dict__.update(converted.__dict__)
             return model
         return converted  # the model was itself one layer: the sparse layer replaces it
     if example_inputs is None or not fuse:
-        return _convert(model, backend, min_sparsity, format, fold_bn, fuse, example_inputs)
+        return _convert(model, backend, rule if example_inputs is None else measure_from, format, fold_bn, fuse,
+                        example_inputs)
     # Measured at this batch size: per-layer choices can misjudge (eager timings carry Python
     # overhead the compiled plan does not), so the whole models are timed too.
     dense = copy_model(model).eval()
     strip_pruning(dense)
-    candidates = {"measured": _convert(model, backend, min_sparsity, format, fold_bn, True, example_inputs),
-                  "rule": _convert(model, backend, min_sparsity, format, fold_bn, True, None),
+    candidates = {"measured": _convert(model, backend, measure_from, format, fold_bn, True, example_inputs),
+                  "rule": _convert(model, backend, rule, format, fold_bn, True, None),
                   "dense": dense}
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     times = _time_models(candidates, args)

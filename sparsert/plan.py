@@ -47,6 +47,7 @@ class Plan:
     ops: np.ndarray       # int64 [n_ops, 2 + N_PARAMS]
     f32: np.ndarray       # float32 weights and biases
     u32: np.ndarray       # uint32 index arrays
+    u16: np.ndarray       # uint16 index arrays (those whose values fit)
     arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness)
     output: tuple         # (offset, layout, shape): where the result lies in the arena
     input_shape: tuple
@@ -69,7 +70,7 @@ class Plan:
         return self._run(aligned_empty(self.arena_size), x_flat)
 
     def _run(self, arena, x_flat) -> torch.Tensor:
-        ex.run_plan(self.ops, arena, self.f32, self.u32, x_flat)
+        ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, x_flat)
         ops.CALLS["numba.plan"] += 1
         offset, layout, shape = self.output
         out = torch.from_numpy(arena[offset:offset + int(np.prod(shape))].copy()).reshape(shape)
@@ -124,6 +125,8 @@ class _Builder:
         self.u32: list[np.ndarray] = []
         self.n_f32 = 0
         self.n_u32 = 0
+        self.u16: list[np.ndarray] = []
+        self.n_u16 = 0
         self.arena = 0
         self.free_blocks: list[tuple[int, int]] = []  # (offset, size), reusable arena ranges
         self.sizes: dict[int, int] = {}
@@ -171,6 +174,16 @@ class _Builder:
         self.f32.append(a)
         self.n_f32 += a.size
         return offset
+
+    def indices(self, a) -> tuple[int, int]:
+        """Store an index array in u16 when its values fit, else u32: (offset, 1 if u16 else 0)."""
+        a = np.ascontiguousarray(a).reshape(-1)
+        if a.size and int(a.max()) >= 1 << 16:
+            return self.weights_u32(a), 0
+        offset = self.n_u16
+        self.u16.append(a.astype(np.uint16))
+        self.n_u16 += a.size
+        return offset, 1
 
     def weights_u32(self, a) -> int:
         a = np.ascontiguousarray(a).astype(np.uint32).reshape(-1)
@@ -230,6 +243,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
     return Plan(ops=np.array(b.rows, dtype=np.int64).reshape(-1, 2 + ex.N_PARAMS),
                 f32=np.concatenate(b.f32) if b.f32 else np.zeros(1, np.float32),
                 u32=np.concatenate(b.u32) if b.u32 else np.zeros(1, np.uint32),
+                u16=np.concatenate(b.u16) if b.u16 else np.zeros(1, np.uint16),
                 arena_size=b.arena + 16, output=output, input_shape=tuple(input_shape))
 
 
@@ -359,9 +373,10 @@ def _lower_linear(b, m, buf, sparse: bool):
         fmt = _dense_as_csr(m, n_batch)
         values, indptr, indices, (br, bc), relu, code = fmt.data, fmt.indptr, fmt.indices, (1, 1), False, ex.LINEAR_CSR
         bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)
+    idx_off, idx_u16 = b.indices(indices) if code == ex.LINEAR_CSR else (b.weights_u32(indices), 0)
     b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),
-           b.weights_u32(indptr), indptr.size, b.weights_u32(indices), indices.size,
-           b.weights_f32(values), values.size, b.weights_f32(bias), br, bc)
+           b.weights_u32(indptr), indptr.size, idx_off, indices.size,
+           b.weights_f32(values), values.size, b.weights_f32(bias), br, bc, idx_u16)
     return (off, "features", (m.out_features, n_batch))
 
 
@@ -376,9 +391,10 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     out = b.alloc(m.out_channels * n * out_h * out_w)
     cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, pads, out_h, out_w)
     bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
+    idx_off, idx_u16 = b.indices(fmt.indices)
     b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, rows, pixels, out, m.out_channels, -1, 0,
-           b.weights_u32(fmt.indptr), b.weights_u32(fmt.indices), fmt.nnz, b.weights_f32(fmt.data),
-           b.weights_f32(bias), ops.packed_row_len(pixels))
+           b.weights_u32(fmt.indptr), idx_off, fmt.nnz, b.weights_f32(fmt.data),
+           b.weights_f32(bias), ops.packed_row_len(pixels), idx_u16)
     b.free(cols)
     return (out, "cnhw", (m.out_channels, n, out_h, out_w))
 
@@ -413,10 +429,11 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     if ops.uses_im2col(n, out_h, out_w, hq, wq):
         cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, m.pads,
                                      out_h, out_w)
+        idx_off, idx_u16 = b.indices(m.indices.numpy())
         b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
-               b.weights_u32(m.indptr.numpy()), b.weights_u32(m.indices.numpy()), m.nnz,
+               b.weights_u32(m.indptr.numpy()), idx_off, m.nnz,
                b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()),
-               ops.packed_row_len(pixels))
+               ops.packed_row_len(pixels), idx_u16)
         b.free(cols)
         return (off, "cnhw", out_shape)
     max_off = m.max_dy * wq + m.max_dx

@@ -1,4 +1,5 @@
 """Both conv algorithms, epilogue fusion, and the whole-network plan, each against dense torch."""
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -246,6 +247,49 @@ def test_measured_decision_keeps_layers_dense_when_sparse_is_slower(monkeypatch)
     assert type(sparse.get_submodule("2")) is nn.Linear
     assert sparse.get_submodule("0").measured == dict(dense_ms=2.0, sparse_ms=1.0)
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("min_sparsity,timed", [(None, {"0", "2"}), (0.7, {"2"})])
+def test_measured_mode_times_layers_the_rule_would_skip(monkeypatch, min_sparsity, timed):
+    """Without an explicit min_sparsity, example inputs make every layer >= MEASURE_MIN_SPARSITY a
+    candidate (a 50%-sparse layer can measure faster sparse); an explicit threshold still applies."""
+    from sparsert import convert
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    prune.l1_unstructured(model[2], "weight", 0.9)
+    seen = set()
+
+    def fake_pair(dense, sparse, x):
+        seen.add(sparse.layer_name)
+        return 2.0, 1.0
+
+    monkeypatch.setattr(convert, "_time_pair", fake_pair)
+    sparse = sparsert.sparsify(model, example_inputs=torch.randn(4, 64), fuse=False, min_sparsity=min_sparsity)
+    assert seen == timed
+    assert isinstance(sparse.get_submodule("0"), SparseLinear) == ("0" in timed)
+    assert convert.MEASURE_MIN_SPARSITY < 0.5 < convert.DEFAULT_MIN_SPARSITY
+
+
+def test_plan_stores_indices_in_uint16_when_they_fit():
+    from sparsert.plan import _Builder
+
+    b = _Builder()
+    small, flag_small = b.indices(np.array([0, 7, 65535], np.int32))
+    big, flag_big = b.indices(np.array([3, 65536], np.int64))
+    assert (flag_small, flag_big) == (1, 0)
+    assert b.u16[0].dtype == np.uint16 and b.u16[0].tolist() == [0, 7, 65535]
+    assert b.u32[-1].tolist() == [3, 65536]
+
+
+def test_plan_runs_a_linear_wider_than_uint16_indices():
+    torch.manual_seed(0)
+    model = _pruned(nn.Sequential(nn.Linear(70_000, 4)), 0.99)
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(3, 70_000)
+    plan = sparse.plan_for(x)
+    assert plan is not None and plan.u16.size == 1  # nothing fit u16 but the placeholder
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_bare_layer_is_converted():
