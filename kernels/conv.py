@@ -56,17 +56,22 @@ def _pack_input(x, x_strides, n_img, n_chan, height, width, pad_top, pad_left, s
             row[j] = 0.0
 
 
-def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual, relu, rows_per_tile, scratch, out):
+def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual, relu, rows_per_tile, scratch,
+                 n_img, out_h, out_w, grid_out, out):
     """Direct sparse conv over the packed input; epilogue out = relu?(acc + bias + residual).
 
     In: CSR rows = output channels; per nonzero k, offsets[k] = chan * xq_len + dy * wq + dx (its tap's
     shift into the flat packed input) and data[k]; xq[rows, xq_len] from `_pack_input`, C-contiguous;
-    residual[Cout, N, OH, OW] (ignored unless has_residual); scratch[n_threads, >= rows_per_tile*wq].
-    Out: out[Cout, N, OH, OW]. Cost: O(nnz * N * hq * wq)."""
-    n_out, n_img, out_h, out_w = out.shape
+    scratch[n_threads, >= rows_per_tile*wq]. Out: out[Cout, row_len] holding N images of out_h x out_w,
+    dense CNHW (row_len = N*out_h*out_w) or, with grid_out, a grid activation (see `_grid_conv`; its
+    border cells are written as zeros here). residual: same layout as out (read unless has_residual is
+    False). Cost: O(nnz * N * hq * wq)."""
+    n_out = out.shape[0]
     grid_rows = n_img * hq
     n_tiles = (grid_rows + rows_per_tile - 1) // rows_per_tile
     width = STRIP_VECTORS * VECTOR_BYTES // xq.itemsize
+    out_wg = out_w + 2  # grid row length of a grid output
+    cells = (out_h + 2) * out_wg
     # Tile-major order: consecutive items share one tile of grid rows, so that tile's slice of every
     # input channel stays in L2 while all output channels read it (co-major streamed it from L3).
     for item in prange(n_out * n_tiles):
@@ -80,17 +85,28 @@ def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual
         # The tile's grid values in strips of register-held accumulators (`strip.row_strip`).
         for s0 in range(0, length, width):
             row_strip(xq, q0 + s0, 1, offsets, data, indptr[co], indptr[co + 1], bias[co], scratch, base + s0,
-                      min(width, length - s0), scratch, 0, False, False)
+                      min(width, length - s0), scratch, 0, False, False, scratch, 0, False)
         acc = scratch[thread]
+        dst_row, res_row = out[co], residual[co]
         for r in range(r0, r1):
             n = r // hq
             oh = r - n * hq
             if oh >= out_h:
                 continue
+            if grid_out:
+                pos = n * cells + (oh + 1) * out_wg + 1
+                dst_row[pos - 1] = 0.0
+                dst_row[pos + out_w] = 0.0
+                if oh == 0:
+                    dst_row[n * cells:n * cells + out_wg] = 0.0
+                if oh == out_h - 1:
+                    dst_row[pos + out_w + 1:pos + out_w + 1 + out_wg] = 0.0
+            else:
+                pos = (n * out_h + oh) * out_w
             row = acc[(r - r0) * wq:(r - r0) * wq + out_w]
-            dst = out[co, n, oh]
+            dst = dst_row[pos:pos + out_w]
             if has_residual:
-                res = residual[co, n, oh]
+                res = res_row[pos:pos + out_w]
                 for ow in range(out_w):
                     dst[ow] = relu_or_identity(row[ow] + res[ow], relu)
             elif relu:
@@ -99,6 +115,38 @@ def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual
             else:
                 for ow in range(out_w):
                     dst[ow] = row[ow]
+
+
+def _grid_conv(indptr, offsets, data, x, shift, bias, residual, has_residual, relu, mask, n_img, images_per_item,
+               out):
+    """A stride-1 'same' conv (3x3 pad 1, 1x1 pad 0) from one grid activation into another.
+
+    Grid layout (the plan's activations between such convs): channel c holds N images of (H+2) x (W+2)
+    cells with a zero border, flat in x[c, :] (row length >= N*cells), so the next conv's padding is
+    already in place and needs no pack pass. Output cell g of channel co is
+        relu?(bias + sum_k data[k] * x.flat[g - shift + offsets[k]] + residual[co, g]), zeroed on border cells,
+    with offsets[k] = chan * row_len + dy * (W+2) + dx and shift = pad * (W+3). Border cells read
+    past their image (into the neighbour or the buffer's guard floats, `shift` before x[0, 0] and after
+    the last image): whatever they hold, the mask's select writes an exact 0 there.
+
+    In: x[C_in, row_len_in], residual/out[C_out, row_len_out] (C-contiguous), mask[cells] (1 interior,
+    0 border). Work items: one output channel times `images_per_item` whole images, written in strips
+    of register accumulators straight into `out` (long contiguous writes per item; no scratch)."""
+    n_out = out.shape[0]
+    row_out = out.shape[1]
+    cells = mask.shape[0]
+    width = STRIP_VECTORS * VECTOR_BYTES // x.itemsize
+    groups = (n_img + images_per_item - 1) // images_per_item
+    for item in prange(n_out * groups):  # channel-major within a group: one group's inputs stay in L2
+        co = item % n_out
+        group = item // n_out
+        k0, k1, b = indptr[co], indptr[co + 1], bias[co]
+        for n in range(group * images_per_item, min(n_img, (group + 1) * images_per_item)):
+            for s0 in range(0, cells, width):
+                cell = n * cells + s0
+                o = co * row_out + cell
+                row_strip(x, cell - shift, 1, offsets, data, k0, k1, b, out, o, min(width, cells - s0),
+                          residual, o, has_residual, relu, mask, s0, True)
 
 
 def tap_offsets(chan, dy, dx, row_len: int, wq: int):
@@ -127,8 +175,9 @@ def _gather_columns(planes, table, out):
 pack_input_par, pack_input_seq = twin(_pack_input)
 gather_columns_par, gather_columns_seq = twin(_gather_columns)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
+grid_conv_par, grid_conv_seq = twin(_grid_conv)
 
-__all__ = ["gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

@@ -12,12 +12,13 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
-from .conv import gather_columns_par, gather_columns_seq, pack_input_par, pack_input_seq, sparse_conv_par, sparse_conv_seq
+from .conv import (gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
+                   sparse_conv_par, sparse_conv_seq)
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
-MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM = 8, 9, 10, 11, 12, 13, 14
+MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 N_PARAMS = 24
 
 
@@ -106,34 +107,56 @@ def run_plan(ops, arena, f32, u32, u16, x):
             n_batch, n_feat = p[1], p[2]
             _transpose(x[:n_batch * n_feat].reshape((n_batch, n_feat)),
                        arena[p[0]:p[0] + n_batch * n_feat].reshape((n_feat, n_batch)))
-        elif code == PACK:  # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len
+        elif code == PACK:
+            # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len, from_grid, grid_row_len
             n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
-            src = arena[p[0]:p[0] + n_chan * n_img * height * width]
-            strides = np.array([height * width, n_img * height * width, width, 1])  # CNHW read as (n, c, h, w)
+            if p[13]:  # a grid activation: read its interior cells (see kernels.conv._grid_conv)
+                wg = width + 2
+                first = p[0] + wg + 1
+                src = arena[first:p[0] + n_chan * p[14]]
+                strides = np.array([(height + 2) * wg, p[14], wg, 1])
+            else:  # dense CNHW read as (n, c, h, w)
+                src = arena[p[0]:p[0] + n_chan * n_img * height * width]
+                strides = np.array([height * width, n_img * height * width, width, 1])
             rows = n_chan * p[8] * p[9]
             dst = arena[p[1]:p[1] + rows * p[12]].reshape((rows, p[12]))
             if par:
                 pack_input_par(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
             else:
                 pack_input_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
+        elif code == GRID_CONV:
+            # p: x, C_in, row_len, out, C_out, residual (-1: none), relu, shift, mask (f32), cells, N,
+            #    images_per_item, indptr, tap offsets, nnz, values, bias
+            x_grid = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
+            out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
+            has_res = p[5] >= 0
+            res = arena[p[5]:p[5] + p[4] * p[2]].reshape((p[4], p[2])) if has_res else out
+            mask = f32[p[8]:p[8] + p[9]]
+            indptr, offsets = u32[p[12]:p[12] + p[4] + 1], u32[p[13]:p[13] + p[14]]
+            values, bias = f32[p[15]:p[15] + p[14]], f32[p[16]:p[16] + p[4]]
+            if par:
+                grid_conv_par(indptr, offsets, values, x_grid, p[7], bias, res, has_res, p[6] != 0, mask, p[10], p[11],
+                              out)
+            else:
+                grid_conv_seq(indptr, offsets, values, x_grid, p[7], bias, res, has_res, p[6] != 0, mask, p[10], p[11],
+                              out)
         elif code == CONV:
             # p: xq, xq_rows, xq_len, out, Cout, N, OH, OW, residual (-1: none), relu, hq, wq,
-            #    rows_per_tile, scratch, scratch_rows, indptr, tap offsets, nnz, values, bias, scratch_row_len
+            #    rows_per_tile, scratch, scratch_rows, indptr, tap offsets, nnz, values, bias, scratch_row_len,
+            #    out_row_len, grid_out (out and residual are grid activations)
             xq = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
-            shape = (p[4], p[5], p[6], p[7])
-            size = p[4] * p[5] * p[6] * p[7]
-            out = arena[p[3]:p[3] + size].reshape(shape)
+            out = arena[p[3]:p[3] + p[4] * p[21]].reshape((p[4], p[21]))
             has_res = p[8] >= 0
-            res = arena[p[8]:p[8] + size].reshape(shape) if has_res else out
+            res = arena[p[8]:p[8] + p[4] * p[21]].reshape((p[4], p[21])) if has_res else out
             scratch = arena[p[13]:p[13] + p[14] * p[20]].reshape((p[14], p[20]))
             indptr, offsets = u32[p[15]:p[15] + p[4] + 1], u32[p[16]:p[16] + p[17]]
             values, bias = f32[p[18]:p[18] + p[17]], f32[p[19]:p[19] + p[4]]
             if par:
                 sparse_conv_par(indptr, offsets, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0, p[12],
-                                scratch, out)
+                                scratch, p[5], p[6], p[7], p[22] != 0, out)
             else:
                 sparse_conv_seq(indptr, offsets, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0, p[12],
-                                scratch, out)
+                                scratch, p[5], p[6], p[7], p[22] != 0, out)
         elif code == IM2COL:  # p: activation (CNHW), plane_len (N*H*W), out, C, taps, P, table (u32 offset), row_len
             planes = arena[p[0]:p[0] + p[3] * p[1]].reshape((p[3], p[1]))
             cols = arena[p[2]:p[2] + p[3] * p[4] * p[7]].reshape((p[3] * p[4], p[7]))

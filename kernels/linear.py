@@ -42,7 +42,7 @@ def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out
         j0 = (item // n_row) * width
         row_start = i * n_batch + j0
         row_strip(xt, j0, xt.shape[1], indices, data, indptr[i], indptr[i + 1], bias[i], out, row_start,
-                  min(width, n_batch - j0), residual, row_start, has_residual, relu)
+                  min(width, n_batch - j0), residual, row_start, has_residual, relu, data, 0, False)
 
 
 def _bsr_spmm(indptr, indices, data, xt, bias, relu, out):

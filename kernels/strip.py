@@ -1,6 +1,8 @@
 """The register-tiled micro-kernel under every SpMM and direct conv: one sparse row times a dense strip.
 
-    out[o + t] = relu?(init + sum_k values[k] * x[x0 + indices[k] * stride + t] + res[r + t]),  t < n_valid
+    out[o + t] = keep?(relu?(init + sum_k values[k] * x[x0 + indices[k] * stride + t] + res[r + t])),  t < n_valid
+
+where keep? zeroes lanes whose mask[m + t] is 0 (the padding cells of a grid activation, see conv.py).
 
 The strip is 1, 2 or 4 vectors of 64 bytes (16 float32 / 8 float64 lanes per vector) held in vector
 registers for the whole sum, so each nonzero costs one broadcast and one fused multiply-add per vector,
@@ -29,14 +31,14 @@ def lanes(dtype) -> int:
     return VECTOR_BYTES * 8 // dtype.bitwidth
 
 
-def _check_types(x, indices, values, out, res):
-    for name, a in (("x", x), ("indices", indices), ("values", values), ("out", out), ("res", res)):
+def _check_types(x, indices, values, out, res, mask):
+    for name, a in (("x", x), ("indices", indices), ("values", values), ("out", out), ("res", res), ("mask", mask)):
         if not isinstance(a, types.Array) or a.layout != "C":
             raise TypingError(f"sparse_row_strip: {name} must be a C-contiguous array, got {a}")
     if not isinstance(indices.dtype, types.Integer) or indices.dtype.signed:
         raise TypingError(f"sparse_row_strip: indices must be unsigned, got {indices.dtype}")
-    if not (x.dtype == values.dtype == out.dtype == res.dtype) or not isinstance(x.dtype, types.Float):
-        raise TypingError("sparse_row_strip: x, values, out and res must share one float dtype")
+    if not (x.dtype == values.dtype == out.dtype == res.dtype == mask.dtype) or not isinstance(x.dtype, types.Float):
+        raise TypingError("sparse_row_strip: x, values, out, res and mask must share one float dtype")
 
 
 def _declare(module, name, return_type, arg_types):
@@ -45,14 +47,16 @@ def _declare(module, name, return_type, arg_types):
 
 def _make_strip(n_vec: int):
     @intrinsic
-    def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu):
-        _check_types(x, indices, values, out, res)
+    def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+              mask, m, has_mask):
+        _check_types(x, indices, values, out, res, mask)
         sig = types.void(x, types.intp, types.intp, indices, values, types.intp, types.intp, x.dtype, out,
-                         types.intp, types.intp, res, types.intp, types.boolean, types.boolean)
+                         types.intp, types.intp, res, types.intp, types.boolean, types.boolean, mask, types.intp,
+                         types.boolean)
 
         def codegen(context, builder, signature, args):
             (x_v, x0_v, stride_v, idx_v, val_v, k0_v, k1_v, init_v, out_v, o_v, n_v, res_v, r_v, has_res_v,
-             relu_v) = args
+             relu_v, mask_v, m_v, has_mask_v) = args
             aty = signature.args
             elem = context.get_value_type(aty[0].dtype)
             n_lanes = lanes(aty[0].dtype)
@@ -68,7 +72,7 @@ def _make_strip(n_vec: int):
             def data(i):
                 return context.make_array(aty[i])(context, builder, args[i]).data
 
-            x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr = data(0), data(3), data(4), data(8), data(11)
+            x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr, mask_ptr = data(0), data(3), data(4), data(8), data(11), data(15)
 
             def splat(value):
                 one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
@@ -125,27 +129,39 @@ def _make_strip(n_vec: int):
                 phi.add_incoming(start, pre)
                 phi.add_incoming(s, tail)
                 results.append(phi)
-            # Epilogue in registers: residual add, then ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch).
-            plain = builder.block
-            with_res = builder.append_basic_block("strip.residual")
-            joined = builder.append_basic_block("strip.epilogue")
-            builder.cbranch(has_res_v, with_res, joined)
-            builder.position_at_end(with_res)
-            res_row = builder.gep(res_ptr, [r_v])
-            added = [builder.fadd(value, load(builder.gep(res_row, [ir.Constant(i64, n_lanes * v)]), v, zero))
-                     for v, value in enumerate(results)]
-            builder.branch(joined)
-            builder.position_at_end(joined)
-            finals = []
-            for value, plus in zip(results, added):
-                phi = builder.phi(vec)
-                phi.add_incoming(value, plain)
-                phi.add_incoming(plus, with_res)
-                finals.append(phi)
+            # Epilogue in registers: residual add, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch), mask.
+            def when(flag, values, transform, name):
+                """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""
+                before = builder.block
+                taken = builder.append_basic_block(f"strip.{name}")
+                joined = builder.append_basic_block(f"strip.{name}.done")
+                builder.cbranch(flag, taken, joined)
+                builder.position_at_end(taken)
+                changed = transform(values)
+                after = builder.block
+                builder.branch(joined)
+                builder.position_at_end(joined)
+                merged = []
+                for value, new in zip(values, changed):
+                    phi = builder.phi(vec)
+                    phi.add_incoming(value, before)
+                    phi.add_incoming(new, after)
+                    merged.append(phi)
+                return merged
+
+            def lane_vectors(ptr, start):
+                row = builder.gep(ptr, [start])
+                return [load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero) for v in range(n_vec)]
+
+            values = when(has_res_v, results,
+                          lambda vs: [builder.fadd(a, b) for a, b in zip(vs, lane_vectors(res_ptr, r_v))], "residual")
+            values = [builder.select(relu_v, builder.select(builder.fcmp_ordered("<", v, zero), zero, v), v)
+                      for v in values]
+            values = when(has_mask_v, values,
+                          lambda vs: [builder.select(builder.fcmp_unordered("!=", k, zero), v, zero)
+                                      for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
             out_row = builder.gep(out_ptr, [o_v])
-            for v, value in enumerate(finals):
-                clipped = builder.select(builder.fcmp_ordered("<", value, zero), zero, value)
-                value = builder.select(relu_v, clipped, value)
+            for v, value in enumerate(values):
                 store(value, builder.gep(out_row, [ir.Constant(i64, n_lanes * v)]), v)
             return context.get_dummy_value()
 
@@ -167,14 +183,19 @@ strip1, strip2, strip3, strip4 = (_make_strip(n) for n in range(1, STRIP_VECTORS
 
 
 @njit(inline="always", nogil=True)
-def row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu):
+def row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+              has_mask):
     """The strip kernel with as many vectors as n_valid needs (the last one masked)."""
     n_lanes = VECTOR_BYTES // x.itemsize
     if n_valid <= n_lanes:
-        strip1(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+        strip1(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+               has_mask)
     elif n_valid <= 2 * n_lanes:
-        strip2(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+        strip2(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+               has_mask)
     elif n_valid <= 3 * n_lanes:
-        strip3(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+        strip3(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+               has_mask)
     else:
-        strip4(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+        strip4(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+               has_mask)

@@ -192,11 +192,12 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     # get_thread_id() can reach the pool size even after numba.set_num_threads() lowered the count
     scratch = torch.empty(numba.config.NUMBA_NUM_THREADS, packed_row_len(rows_per_tile * wq), dtype=x.dtype)
     has_residual = residual is not None
-    res = residual.detach().transpose(0, 1) if has_residual else out  # placeholder array when unused
+    out2d = out.view(layer.out_channels, -1)
+    res = residual.detach().transpose(0, 1).reshape(layer.out_channels, -1) if has_residual else out2d
     kernel = kernels.sparse_conv_par if par else kernels.sparse_conv_seq
     indptr, _, _, _, _, values, bias = layer.numba_arrays()
     kernel(indptr, layer.tap_offsets(xq.shape[1], wq), values, xq.numpy(), hq, wq, bias, res.numpy(), has_residual,
-           relu, rows_per_tile, scratch.numpy(), out.numpy())
+           relu, rows_per_tile, scratch.numpy(), n_img, out_h, out_w, False, out2d.numpy())
     CALLS["numba.sparse_conv"] += 1
     return out.permute(1, 0, 2, 3)
 

@@ -131,6 +131,10 @@ class _Builder:
         self.free_blocks: list[tuple[int, int]] = []  # (offset, size), reusable arena ranges
         self.sizes: dict[int, int] = {}
         self.refs: dict[int, int] = {}                 # buffer offset -> pending readers
+        self.aliases: dict[int, int] = {}              # grid buffer base -> its allocation (guard first)
+        self.temps: list[int] = []                     # buffers freed once the current node is lowered
+        self.converted: dict[tuple, tuple] = {}        # (offset, layout) -> that buffer converted to layout
+        self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -148,7 +152,21 @@ class _Builder:
         self.sizes[offset] = size
         return offset
 
+    def alloc_grid(self, c: int, n: int, h: int, w: int) -> int:
+        """A grid activation (see kernels.conv._grid_conv): returns the base of channel 0, which follows
+        a guard of at least W+3 floats, rounded to keep the base on a cache line."""
+        _, _, row_len, guard = grid_geometry(n, h, w)
+        lead = -(-guard // 16) * 16
+        offset = self.alloc(lead + c * row_len)
+        self.aliases[offset + lead] = offset
+        return offset + lead
+
     def free(self, offset: int) -> None:
+        for layout in ("cnhw", "grid"):  # conversions of a buffer live exactly as long as it does
+            copy = self.converted.pop((offset, layout), None)
+            if copy is not None:
+                self.free(copy[0])
+        offset = self.aliases.pop(offset, offset)
         self.free_blocks.append((offset, self.sizes.pop(offset)))
         self.free_blocks.sort()
         merged = []  # coalesce neighbours so large buffers can be reused later
@@ -226,7 +244,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             result = node.args[0]
             if not isinstance(result, torch.fx.Node) or result not in buffers:
                 raise Unsupported("output is not a single tensor")
-            output = buffers[result]
+            output = _cnhw(b, buffers[result]) if buffers[result][1] == "grid" else buffers[result]
         elif node.op == "call_module":
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
         elif node.op in ("call_function", "call_method"):
@@ -238,6 +256,9 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             b.hold(buffers[node][0], len(node.users))
             for source in node.all_input_nodes:
                 b.release(buffers[source][0])
+        for temp in b.temps:
+            b.free(temp)
+        b.temps.clear()
     if output is None:
         raise Unsupported("no output")
     return Plan(ops=np.array(b.rows, dtype=np.int64).reshape(-1, 2 + ex.N_PARAMS),
@@ -271,7 +292,7 @@ def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
     if isinstance(m, nn.MaxPool2d):
         return _lower_maxpool(b, m, _arg(node, buffers))
     if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-        off_in, layout, (c, n, h, w) = _cnhw(_arg(node, buffers))
+        off_in, layout, (c, n, h, w) = _cnhw(b, _arg(node, buffers))
         off = b.alloc(c * n)
         b.emit(ex.GLOBAL_AVGPOOL, c * n * h * w, off_in, off, c, n, h * w)
         return (off, "cnhw", (c, n, 1, 1))
@@ -287,11 +308,12 @@ def _lower_function(b: _Builder, node, buffers, meta):
         return _relu(b, _arg(node, buffers))
     if node.op == "call_function" and target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
         a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
+        if a[1] != c[1] and "grid" in (a[1], c[1]):  # one layout for both: border zeros add to zero
+            a, c = _grid(b, a), _grid(b, c)
         if a[1:] != c[1:]:
             raise Unsupported("add of tensors with different shapes or layouts")
-        size = int(np.prod(a[2]))
-        off = b.alloc(size)
-        b.emit(ex.ADD, 0, a[0], c[0], off, size, 0)
+        off = _alloc_like(b, a)
+        b.emit(ex.ADD, 0, a[0], c[0], off, _size(a), 0)
         return (off, a[1], a[2])
     is_flatten = (node.op == "call_function" and target is torch.flatten) or (node.op == "call_method" and
                                                                              target == "flatten")
@@ -303,23 +325,79 @@ def _lower_function(b: _Builder, node, buffers, meta):
     raise Unsupported(f"function {getattr(target, '__name__', target)}")
 
 
-def _cnhw(buf):
+GRID_BORDER = 1  # zero cells around each image of a grid activation: the padding of 3x3 'same' convs
+
+
+def grid_geometry(n: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(cells per image, cells per grid row, channel row length, guard) of a grid activation: a guard
+    of W+3 floats before channel 0 and after the last image covers the border cells' reads."""
+    wq = w + 2 * GRID_BORDER
+    cells = (h + 2 * GRID_BORDER) * wq
+    guard = wq + 1
+    return cells, wq, ops.packed_row_len(n * cells + guard), guard
+
+
+def _size(buf) -> int:
+    """Floats an op over the whole buffer covers (a grid's channel rows, guard tails included)."""
+    if buf[1] == "grid":
+        c, n, h, w = buf[2]
+        return c * grid_geometry(n, h, w)[2]
+    return int(np.prod(buf[2]))
+
+
+def _cnhw(b, buf):
+    """The 4-D activation buf as dense CNHW, converting a grid one once (the copy lives as long as buf)."""
+    if buf[1] == "grid":
+        if (buf[0], "cnhw") not in b.converted:
+            off_in, _, (c, n, h, w) = buf
+            off = b.alloc(c * n * h * w)
+            b.emit(ex.PACK, c * n * h * w, off_in, off, c, n, h, w, 0, 0, 1, 1, h, w, n * h * w, 1,
+                   grid_geometry(n, h, w)[2])
+            b.converted[(buf[0], "cnhw")] = (off, "cnhw", (c, n, h, w))
+        return b.converted[(buf[0], "cnhw")]
     if buf[1] != "cnhw":
         raise Unsupported("expected a 4-D activation")
     return buf
 
 
+def _grid(b, buf):
+    """The 4-D activation buf as a grid, packing a dense one once (the copy lives as long as buf)."""
+    if buf[1] == "grid":
+        return buf
+    if (buf[0], "grid") not in b.converted:
+        off_in, _, (c, n, h, w) = _cnhw(b, buf)
+        base = b.alloc_grid(c, n, h, w)
+        _, _, row_len, _ = grid_geometry(n, h, w)
+        b.emit(ex.PACK, c * row_len, off_in, base, c, n, h, w, GRID_BORDER, GRID_BORDER, 1, 1,
+               h + 2 * GRID_BORDER, w + 2 * GRID_BORDER, row_len, 0, 0)
+        b.converted[(buf[0], "grid")] = (base, "grid", (c, n, h, w))
+    return b.converted[(buf[0], "grid")]
+
+
+def _grid_mask(b, h: int, w: int) -> int:
+    """f32 offset of the per-image mask of a grid: 1.0 on interior cells, 0.0 on the border."""
+    if (h, w) not in b.masks:
+        mask = np.zeros((h + 2 * GRID_BORDER, w + 2 * GRID_BORDER), np.float32)
+        mask[GRID_BORDER:GRID_BORDER + h, GRID_BORDER:GRID_BORDER + w] = 1.0
+        b.masks[(h, w)] = b.weights_f32(mask)
+    return b.masks[(h, w)]
+
+
+def _alloc_like(b, buf) -> int:
+    return b.alloc_grid(*buf[2]) if buf[1] == "grid" else b.alloc(_size(buf))
+
+
 def _relu(b, buf):
-    size = int(np.prod(buf[2]))
-    off = b.alloc(size)
-    b.emit(ex.RELU, 0, buf[0], off, size)
+    """Elementwise on either layout: a grid's zero border stays zero (relu(0) = 0)."""
+    off = _alloc_like(b, buf)
+    b.emit(ex.RELU, 0, buf[0], off, _size(buf))
     return (off, buf[1], buf[2])
 
 
 def _flatten(b, buf):
     if buf[1] == "features":
         return buf
-    off_in, _, (c, n, h, w) = buf
+    off_in, _, (c, n, h, w) = _cnhw(b, buf)
     if h * w == 1:  # CNHW with 1x1 pixels is already feature-major [C, N]
         return (off_in, "features", (c, n))
     off = b.alloc(c * n * h * w)
@@ -328,7 +406,7 @@ def _flatten(b, buf):
 
 
 def _lower_maxpool(b, m: nn.MaxPool2d, buf):
-    off_in, _, (c, n, h, w) = _cnhw(buf)
+    off_in, _, (c, n, h, w) = _cnhw(b, buf)
     k, s, p, d = (m.kernel_size, m.stride, m.padding, m.dilation)
     if not all(isinstance(v, int) for v in (k, s, p, d)) or d != 1 or m.ceil_mode or m.return_indices:
         raise Unsupported("maxpool other than square, dilation 1, floor mode")
@@ -384,7 +462,7 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     """A conv kept dense (sparse would not pay): gather columns + SpMM with every weight stored."""
     if m.padding_mode != "zeros":
         raise Unsupported("dense conv with a padding mode other than zeros")
-    off_in, _, (c, n, h, w) = _cnhw(buf)
+    off_in, _, (c, n, h, w) = _cnhw(b, buf)
     pads = explicit_pads(m.padding, m.kernel_size, m.dilation)
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, m.stride, m.dilation, m.kernel_size)
     fmt = _dense_as_csr(m, n * out_h * out_w)
@@ -410,23 +488,52 @@ def _im2col(b: _Builder, off_in, shape, kernel_size, stride, dilation, pads, out
     return cols, c * taps, pixels
 
 
+def _runs_on_grid(m, n: int, h: int, w: int) -> bool:
+    """A stride-1 sparse conv whose output has its input's size, whose padding fits the grid border,
+    and which would not take the im2col path at this size: it runs grid to grid."""
+    if not isinstance(m, SparseConv2d) or m.format != "csr" or m.padding_mode != "zeros":
+        return False
+    kh, kw = m.kernel_size
+    pad = (kh - 1) // 2
+    return (m.stride == (1, 1) and m.dilation == (1, 1) and kh == kw and kh in (1, 3) and m.pads == (pad,) * 4
+            and not ops.uses_im2col(n, h, w, h + 2 * pad, w + 2 * pad))
+
+
+def _feeds_grid_conv(node, n: int, h: int, w: int) -> bool:
+    """Whether a reader of node's output (as input or residual) is a conv that runs on the grid."""
+    gm = node.graph.owning_module
+    return any(user.op == "call_module" and _runs_on_grid(gm.get_submodule(user.target), n, h, w)
+               for user in node.users)
+
+
+# Grid cells one same-conv work item covers (whole images; see kernels.conv._grid_conv).
+GRID_TILE = 2048
+
+
 def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     if m.padding_mode != "zeros" or m.format != "csr" or m.values.dtype != torch.float32 or m.backend == "torch":
         raise Unsupported("conv outside the numba kernel's scope")
-    off_in, _, (c, n, h, w) = _cnhw(_arg(node, buffers))
+    src = _arg(node, buffers)
+    if src[1] not in ("cnhw", "grid"):
+        raise Unsupported("expected a 4-D activation")
+    c, n, h, w = src[2]
     residual = node.kwargs.get("residual")
     if set(node.kwargs) - {"residual"} or len(node.args) != 1:
         raise Unsupported("conv call signature")
     out_h, out_w, hq, wq = ops.conv_geometry(h, w, m.pads, m.stride, m.dilation, m.kernel_size)
     out_shape = (m.out_channels, n, out_h, out_w)
-    res_off = -1
+    res = None
     if residual is not None:
         res = buffers.get(residual)
-        if res is None or res[1] != "cnhw" or tuple(res[2]) != out_shape:
+        if res is None or res[1] not in ("cnhw", "grid") or tuple(res[2]) != out_shape:
             raise Unsupported("residual shape differs from the conv output")
-        res_off = res[0]
-    off = b.alloc(int(np.prod(out_shape)))
-    if ops.uses_im2col(n, out_h, out_w, hq, wq):
+    im2col = ops.uses_im2col(n, out_h, out_w, hq, wq)
+    if _runs_on_grid(m, n, h, w):
+        return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
+    if im2col:
+        res_off = -1 if res is None else _cnhw(b, res)[0]
+        off = b.alloc(int(np.prod(out_shape)))
+        off_in = _cnhw(b, src)[0]
         cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, m.pads,
                                      out_h, out_w)
         idx_off, idx_u16 = b.indices(m.indices.numpy())
@@ -436,15 +543,26 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
                ops.packed_row_len(pixels), idx_u16)
         b.free(cols)
         return (off, "cnhw", out_shape)
+    # A strided conv feeding grid convs writes its output (borders included) as a grid: no pack after.
+    grid_out = _feeds_grid_conv(node, n, out_h, out_w)
+    if grid_out:
+        res_off = -1 if res is None else _grid(b, res)[0]
+        off, out_row_len = b.alloc_grid(*out_shape), grid_geometry(n, out_h, out_w)[2]
+    else:
+        res_off = -1 if res is None else _cnhw(b, res)[0]
+        off, out_row_len = b.alloc(int(np.prod(out_shape))), n * out_h * out_w
     max_off = m.max_dy * wq + m.max_dx
     work = m.nnz * n * hq * wq
     sh, sw = m.stride
-    if max_off == 0 and (sh, sw) == (1, 1) and m.pads == (0, 0, 0, 0):
-        xq_off, xq_rows, xq_len = off_in, c, n * h * w  # 1x1 conv reads the CNHW activation directly
-    else:
+    if max_off == 0 and (sh, sw) == (1, 1) and m.pads == (0, 0, 0, 0) and src[1] == "cnhw":
+        xq_off, xq_rows, xq_len = src[0], c, n * h * w  # 1x1 conv reads the CNHW activation directly
+    else:  # pack (pad, stride phases) from either layout
         xq_rows, xq_len = c * sh * sw, ops.packed_row_len(n * hq * wq + max_off)
         xq_off = b.alloc(xq_rows * xq_len)
-        b.emit(ex.PACK, xq_rows * xq_len, off_in, xq_off, c, n, h, w, m.pads[0], m.pads[2], sh, sw, hq, wq, xq_len)
+        from_grid = src[1] == "grid"
+        b.emit(ex.PACK, xq_rows * xq_len, src[0], xq_off, c, n, h, w, m.pads[0], m.pads[2], sh, sw, hq, wq, xq_len,
+               int(from_grid), grid_geometry(n, h, w)[2] if from_grid else 0)
+        b.temps.append(xq_off)
     offsets = m.tap_offsets(xq_len, wq)
     if offsets.dtype != np.uint32:
         raise Unsupported("packed conv input past 2**32 elements")
@@ -454,10 +572,23 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     scratch = b.alloc(threads * scratch_len)
     b.emit(ex.CONV, work, xq_off, xq_rows, xq_len, off, *out_shape, res_off, int(m.relu), hq, wq, rows_per_tile,
            scratch, threads, b.weights_u32(m.indptr.numpy()), b.weights_u32(offsets), m.nnz,
-           b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()), scratch_len)
+           b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()), scratch_len,
+           out_row_len, int(grid_out))
     b.free(scratch)
-    if xq_off != off_in:
-        b.free(xq_off)
-    return (off, "cnhw", out_shape)
+    return (off, "grid" if grid_out else "cnhw", out_shape)
 
 
+def _lower_grid_conv(b: _Builder, m: SparseConv2d, src, res):
+    """Same-size stride-1 conv from grid to grid: no pack, no scratch (kernels.conv._grid_conv)."""
+    c, n, h, w = src[2]
+    cells, wq, row_len, _ = grid_geometry(n, h, w)
+    offsets = m.tap_offsets(row_len, wq)
+    if offsets.dtype != np.uint32:
+        raise Unsupported("grid activation past 2**32 elements")
+    out = b.alloc_grid(m.out_channels, n, h, w)
+    shift = m.pads[0] * (wq + 1)
+    b.emit(ex.GRID_CONV, m.nnz * n * cells, src[0], c, row_len, out, m.out_channels, -1 if res is None else res[0],
+           int(m.relu), shift, _grid_mask(b, h, w), cells, n, max(1, GRID_TILE // cells),
+           b.weights_u32(m.indptr.numpy()), b.weights_u32(offsets), m.nnz, b.weights_f32(m.values.detach().numpy()),
+           b.weights_f32(m.bias_or_zeros.detach().numpy()))
+    return (out, "grid", (m.out_channels, n, h, w))

@@ -177,7 +177,11 @@ def test_plan_runs_whole_network_and_matches_dense(name, factory, shape, batch):
             prune.l1_unstructured(m, "weight", 0.95)
     sparse = sparsert.sparsify(model)
     x = torch.randn(batch, *shape)
-    assert sparse.plan_for(x) is not None
+    plan = sparse.plan_for(x)
+    assert plan is not None
+    from sparsert.plan import aligned_empty
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan  # nothing may read arena memory its op did not write (grid borders, padding)
     before = CALLS["numba.plan"]
     with torch.no_grad():
         out = sparse(x)
@@ -365,3 +369,94 @@ def test_torch_backend_matches_dense_on_resnet18_and_mlp(name, dtype):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * scale)
     else:  # bf16 keeps 8 bits of mantissa: ~1% per op, a few ops deep
         torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * scale)
+
+
+# ------------------------------------------------------------------------------- grid activations
+class _GridNet(nn.Module):
+    """Every grid transition: same convs (3x3, 1x1, grouped) grid to grid with fused ReLU and
+    residual, a strided conv reading a grid and writing one, a strided 1x1 downsample, an unfused add
+    of a grid and a dense tensor, then dense-only readers (maxpool, flatten, linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(8, 16, 1, stride=2)
+        self.d = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.fc = nn.Linear(16 * 17 * 17, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(y) + y)
+        y = self.c(y)
+        z = torch.relu(self.down(y))
+        z = self.d(z) + self.skip(y)
+        z = z + self.pool(z)
+        return self.fc(torch.flatten(z, 1))
+
+
+def _grid_ops(plan):
+    from sparsert.kernels import executor as ex
+    codes = plan.ops[:, 0].tolist()
+    grid_out_convs = [row for row in plan.ops if row[0] == ex.CONV and row[2 + 22]]
+    packs_from_grid = [row for row in plan.ops if row[0] == ex.PACK and row[2 + 13]]
+    return codes.count(ex.GRID_CONV), len(grid_out_convs), len(packs_from_grid)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grid_path_matches_dense_through_every_layout_transition(batch):
+    torch.manual_seed(0)
+    model = _GridNet().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            _masked(m, 0.3)
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(batch, 3, 34, 34)  # maps of 34x34 and 17x17: over IM2COL_MAX_PIXELS, direct paths run
+    plan = sparse.plan_for(x)
+    assert plan is not None
+    grid_convs, grid_out_convs, packs_from_grid = _grid_ops(plan)
+    assert grid_convs == 4  # a, b, c, d
+    assert grid_out_convs >= 1  # down feeds d, so it writes a grid (skip takes d's output as its residual)
+    assert packs_from_grid >= 2  # down and skip read c's grid output through PACK
+    from sparsert.plan import aligned_empty
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan  # every border a kernel fails to write would show as NaN
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_grid_borders_stay_zero_over_a_nan_filled_arena():
+    """Border cells compute from neighbouring images and the guard floats, which hold whatever the arena
+    held: the mask must write exact zeros there, or garbage (here NaN everywhere) would leak into the
+    next conv's padding."""
+    from sparsert.plan import aligned_empty
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            _masked(m, 0.5)
+    sparse = sparsert.sparsify(model, min_sparsity=0.3)
+    x = torch.randn(3, 2, 17, 17)
+    plan = sparse.plan_for(x)
+    assert _grid_ops(plan)[0] == 2
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_grid_conv_as_the_last_layer_returns_dense_nchw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1)).eval()
+    _masked(model[0], 0.4)
+    sparse = sparsert.sparsify(model, min_sparsity=0.3)
+    x = torch.randn(2, 3, 20, 20)
+    assert _grid_ops(sparse.plan_for(x))[0] == 1
+    with torch.no_grad():
+        out = sparse(x)
+    assert out.shape == (2, 6, 20, 20)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)

@@ -9,8 +9,13 @@ from sparsert.plan import aligned_empty
 
 
 @njit(cache=False)
-def _strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu):
-    kernels.row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu)
+def _strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask=None, m=0):
+    if mask is None:
+        kernels.row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                          values, 0, False)
+    else:
+        kernels.row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                          mask, m, True)
 
 
 def _reference(x, x0, stride, indices, values, k0, k1, init, n_valid, res, r, has_res, relu):
@@ -47,6 +52,24 @@ def test_strip_matches_reference_at_every_width(dtype, index_dtype, has_res, rel
         np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
         # the masked last vector writes nothing past n_valid, nothing before o
         assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strip_mask_zeroes_masked_lanes_even_when_they_are_nan(dtype, gen):
+    rng = np.random.default_rng(int(gen.initial_seed()))
+    x = rng.standard_normal(600).astype(dtype)
+    x[40] = np.nan  # reaches output lane 0 through index 1 (x0 3 + 1 * 37)
+    indices = np.array([0, 1, 2], np.uint32)
+    values = np.ones(3, dtype)
+    for n_valid in _widths(dtype):
+        mask = (rng.random(200) < 0.5).astype(dtype)
+        mask[9] = 0.0
+        out = np.full(300, 7.0, dtype)
+        _strip(x, 3, 37, indices, values, 0, 3, 0.5, out, 2, n_valid, out, 0, False, True, mask, 9)
+        expected = _reference(x, 3, 37, indices, values, 0, 3, 0.5, n_valid, out, 0, False, True)
+        expected = np.where(mask[9:9 + n_valid] != 0, expected, 0.0)
+        np.testing.assert_allclose(out[2:2 + n_valid], expected, rtol=1e-5, atol=1e-5)
+        assert out[2] == 0.0 and (out[:2] == 7.0).all() and (out[2 + n_valid:] == 7.0).all()
 
 
 def test_strip_with_no_nonzeros_writes_init():
