@@ -152,16 +152,23 @@ def conv_geometry(height, width, pads, stride, dilation, kernel_size):
     return out_h, out_w, hq, wq
 
 
-# im2col + CSR SpMM beats the direct kernel on small outputs (short rows cost more per nonzero)
-# and where the direct kernel's padded grid is mostly waste (4x4 maps under 3x3 taps: 36 vs 16).
-# Thresholds from per-op timings of CIFAR ResNet18 plans at batch 1 and 64 (bench/RESULTS.md).
-IM2COL_MAX_PIXELS = 256
-IM2COL_MIN_GRID_WASTE = 2.0
+# im2col + CSR SpMM against the direct kernel. The direct kernel computes every cell of its padded grid
+# (hq*wq per image, `waste` = hq*wq / (out_h*out_w) times the outputs); im2col computes only outputs but
+# first gathers C*taps values per output pixel, costing about IM2COL_GATHER_COST multiply-adds each
+# (per-op timings of CIFAR/torchvision ResNet18 plans at 90% and 98%, batch 1 and 64). So im2col wins when
+#     nnz * pixels * (waste - 1) > IM2COL_GATHER_COST * C * taps * pixels,
+# i.e. when out_channels * density * (waste - 1) > IM2COL_GATHER_COST: small maps (large waste) and
+# denser layers. Outputs of at most IM2COL_MAX_PIXELS pixels always take im2col (the direct kernel's
+# per-item costs dominate there).
+IM2COL_GATHER_COST = 3.0
+IM2COL_MAX_PIXELS = 16
 
 
-def uses_im2col(n_img: int, out_h: int, out_w: int, hq: int = 0, wq: int = 0) -> bool:
-    pixels = n_img * out_h * out_w
-    return pixels <= IM2COL_MAX_PIXELS or hq * wq >= IM2COL_MIN_GRID_WASTE * out_h * out_w
+def uses_im2col(n_img: int, out_h: int, out_w: int, hq: int, wq: int, out_channels: int, density: float) -> bool:
+    if n_img * out_h * out_w <= IM2COL_MAX_PIXELS:
+        return True
+    waste = hq * wq / (out_h * out_w)
+    return out_channels * density * (waste - 1.0) > IM2COL_GATHER_COST
 
 
 def conv2d_numba(x, layer, residual=None, relu=False):
@@ -175,7 +182,7 @@ def conv2d_numba(x, layer, residual=None, relu=False):
     out = torch.empty(layer.out_channels, n_img, out_h, out_w, dtype=x.dtype)
     if n_img == 0:
         return out.permute(1, 0, 2, 3)
-    if uses_im2col(n_img, out_h, out_w, hq, wq):
+    if uses_im2col(n_img, out_h, out_w, hq, wq, layer.out_channels, layer.density):
         return _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w)
     max_off = layer.max_dy * wq + layer.max_dx
     work = layer.nnz * n_img * hq * wq

@@ -496,7 +496,7 @@ def _runs_on_grid(m, n: int, h: int, w: int) -> bool:
     kh, kw = m.kernel_size
     pad = (kh - 1) // 2
     return (m.stride == (1, 1) and m.dilation == (1, 1) and kh == kw and kh in (1, 3) and m.pads == (pad,) * 4
-            and not ops.uses_im2col(n, h, w, h + 2 * pad, w + 2 * pad))
+            and not ops.uses_im2col(n, h, w, h + 2 * pad, w + 2 * pad, m.out_channels, m.density))
 
 
 def _feeds_grid_conv(node, n: int, h: int, w: int) -> bool:
@@ -527,7 +527,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         res = buffers.get(residual)
         if res is None or res[1] not in ("cnhw", "grid") or tuple(res[2]) != out_shape:
             raise Unsupported("residual shape differs from the conv output")
-    im2col = ops.uses_im2col(n, out_h, out_w, hq, wq)
+    im2col = ops.uses_im2col(n, out_h, out_w, hq, wq, m.out_channels, m.density)
     if _runs_on_grid(m, n, h, w):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
     if im2col:
