@@ -296,6 +296,15 @@ def test_plan_runs_a_linear_wider_than_uint16_indices():
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_model_with_no_sparse_layer_runs_eagerly():
+    """Nothing to gain from the plan without a sparse layer: torch's dense kernels beat our CSR-full ones."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    sparse = sparsert.sparsify(model)  # unpruned: every layer stays dense
+    x = torch.randn(2, 3, 8, 8)
+    assert sparse.plan_for(x) is None
+    torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_bare_layer_is_converted():
     lin = nn.Linear(32, 16)
     prune.l1_unstructured(lin, "weight", 0.9)
