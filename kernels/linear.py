@@ -7,10 +7,7 @@ adds a negative-index wraparound check to every signed access, which made these 
 Each kernel exists twice: `*_par` (Numba prange over rows) and `*_seq` (one thread), because
 a parallel launch costs ~10 us, more than the whole product for small layers at batch 1.
 """
-import numpy as np
-from numba import prange
-
-from numba import njit
+from numba import njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
 from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
