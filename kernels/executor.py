@@ -126,7 +126,7 @@ def run_plan(ops, arena, f32, u32, u16, x):
                 pack_input_seq(src, strides, n_img, n_chan, height, width, p[6], p[7], p[8], p[9], p[10], p[11], dst)
         elif code == GRID_CONV:
             # p: x, C_in, row_len, out, C_out, residual (-1: none), relu, shift, mask (f32), cells, N,
-            #    images_per_item, indptr, tap offsets, nnz, values, bias
+            #    co_block, indptr, tap offsets, nnz, values, bias
             x_grid = arena[p[0]:p[0] + p[1] * p[2]].reshape((p[1], p[2]))
             out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
             has_res = p[5] >= 0

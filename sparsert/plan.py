@@ -511,8 +511,8 @@ def _feeds_grid_conv(node, n: int, h: int, w: int) -> bool:
                for user in node.users)
 
 
-# Grid cells one same-conv work item covers (whole images; see kernels.conv._grid_conv).
-GRID_TILE = 2048
+# Output channels one grid-conv work item computes over its strip (see kernels.conv._grid_conv).
+GRID_CO_BLOCK = 64
 
 
 def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
@@ -593,7 +593,7 @@ def _lower_grid_conv(b: _Builder, m: SparseConv2d, src, res):
     out = b.alloc_grid(m.out_channels, n, h, w)
     shift = m.pads[0] * (wq + 1)
     b.emit(ex.GRID_CONV, m.nnz * n * cells, src[0], c, row_len, out, m.out_channels, -1 if res is None else res[0],
-           int(m.relu), shift, _grid_mask(b, h, w), cells, n, max(1, GRID_TILE // cells),
+           int(m.relu), shift, _grid_mask(b, h, w), cells, n, GRID_CO_BLOCK,
            b.weights_u32(m.indptr.numpy()), b.weights_u32(offsets), m.nnz, b.weights_f32(m.values.detach().numpy()),
            b.weights_f32(m.bias_or_zeros.detach().numpy()))
     return (out, "grid", (m.out_channels, n, h, w))
