@@ -14,7 +14,7 @@ from numba import njit, prange
 from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import (gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq)
-from .linear import bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_dispatch
+from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
@@ -72,17 +72,6 @@ def _transpose(src, dst):
 
 maxpool_par, maxpool_seq = twin(_maxpool)
 global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
-
-
-@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
-def _linear_csr(indptr, indices, values, xt, bias, relu, out, par):
-    if xt.shape[1] == 1:
-        if par:
-            csr_matvec_par(indptr, indices, values, xt[:, 0], bias, relu, out[:, 0])
-        else:
-            csr_matvec_seq(indptr, indices, values, xt[:, 0], bias, relu, out[:, 0])
-    else:
-        csr_spmm_dispatch(indptr, indices, values, xt, bias, out, False, relu, out, par)
 
 
 @njit(**OPTIONS)
@@ -193,9 +182,9 @@ def run_plan(ops, arena, f32, u32, u16, x):
                 else:
                     bsr_spmm_seq(indptr, u32[p[8]:p[8] + p[9]], blocks, xt, bias, relu, out)
             elif p[15]:
-                _linear_csr(indptr, u16[p[8]:p[8] + p[9]], values, xt, bias, relu, out, par)
+                csr_spmm_dispatch(indptr, u16[p[8]:p[8] + p[9]], values, xt, bias, out, False, relu, out, par)
             else:
-                _linear_csr(indptr, u32[p[8]:p[8] + p[9]], values, xt, bias, relu, out, par)
+                csr_spmm_dispatch(indptr, u32[p[8]:p[8] + p[9]], values, xt, bias, out, False, relu, out, par)
         elif code == MAXPOOL:  # p: in, out, C, N, H, W, OH, OW, kernel, stride, pad
             src = arena[p[0]:p[0] + p[2] * p[3] * p[4] * p[5]].reshape((p[2], p[3], p[4], p[5]))
             dst = arena[p[1]:p[1] + p[2] * p[3] * p[6] * p[7]].reshape((p[2], p[3], p[6], p[7]))

@@ -78,8 +78,22 @@ bsr_spmm_par, bsr_spmm_seq = twin(_bsr_spmm)
 
 @njit(**OPTIONS)
 def csr_spmm_dispatch(indptr, indices, data, xt, bias, residual, has_residual, relu, out, parallel):
-    """`_csr_spmm` on the parallel twin when asked: one call site for the eager ops and the plan."""
-    if parallel:
+    """`_csr_spmm`, or the matvec for a single column, on the parallel twin when asked: the one
+    place that choice is made, for the eager ops and the plan executor alike. A single column (a 1x1
+    map at batch 1) would fill one lane of each strip vector; the matvec's gathers fill all of them
+    (layer 4 of a 90% resnet18 at batch 1: 0.18 -> 0.07 ms per conv)."""
+    if out.shape[1] == 1:
+        column = out[:, 0]
+        fused_relu = relu and not has_residual
+        if parallel:
+            csr_matvec_par(indptr, indices, data, xt[:, 0], bias, fused_relu, column)
+        else:
+            csr_matvec_seq(indptr, indices, data, xt[:, 0], bias, fused_relu, column)
+        if has_residual:
+            res = residual[:, 0]
+            for i in range(column.shape[0]):
+                column[i] = relu_or_identity(column[i] + res[i], relu)
+    elif parallel:
         csr_spmm_par(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
     else:
         csr_spmm_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)

@@ -439,3 +439,25 @@ def test_cached_serial_kernels_run_in_a_fresh_process(compiled_cache):
     threading layer before the cached kernels run."""
     work, env, _ = compiled_cache
     _run_cache_script(work, env, launch_threads=False)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("has_residual,relu", [(False, False), (False, True), (True, False), (True, True)])
+def test_spmm_dispatch_single_column_matches_dense(parallel, has_residual, relu, gen):
+    """One output column (a 1x1 map at batch 1) takes the matvec; the input may be a wider im2col
+    buffer whose first column holds the pixel."""
+    dense_t = sparse_matrix((40, 70), 0.2, gen)
+    csr = CSR.from_dense(dense_t)
+    dense = dense_t.numpy().astype(np.float64)
+    xt = torch.randn(70, 16, generator=gen).numpy()  # row length 16: one pixel used, as im2col pads rows
+    bias = torch.randn(40, generator=gen).numpy()
+    residual = torch.randn(40, 1, generator=gen).numpy()
+    out = np.full((40, 1), 7.0, np.float32)
+    kernels.csr_spmm_dispatch(_ix(csr.indptr), _ix(csr.indices), np.asarray(csr.data), xt, bias, residual,
+                              has_residual, relu, out, parallel)
+    expected = dense @ xt[:, :1].astype(np.float64) + bias[:, None]
+    if has_residual:
+        expected = expected + residual
+    if relu:
+        expected = np.maximum(expected, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
