@@ -5,14 +5,14 @@ import numba
 # twins, which crashed (SIGSEGV) when loaded from the disk cache before any parallel launch.
 numba.get_num_threads()
 
-from .conv import (PADDING, grid_conv_par, grid_conv_seq, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
+from .conv import (GRID_BORDER, PADDING, grid_conv_par, grid_conv_seq, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq, tap_offsets)
 from .linear import (bsr_spmm_par, bsr_spmm_seq, csr_matvec_par, csr_matvec_seq, csr_spmm_dispatch, csr_spmm_par,
                      csr_spmm_seq)
 from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 __all__ = [
-    "PADDING", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq",
+    "GRID_BORDER", "PADDING", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq",
     "sparse_conv_par", "sparse_conv_seq", "tap_offsets",
     "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par",
     "csr_spmm_seq", "STRIP_VECTORS", "VECTOR_BYTES", "row_strip",

@@ -13,6 +13,10 @@ from numba import get_thread_id, prange
 from ._jit import relu_or_identity, twin
 from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
+# Zero cells around each image of a grid activation (see `_grid_conv`): the padding of the 3x3 'same'
+# convs. The one definition of the layout; the kernels write and read a border of exactly this one cell.
+GRID_BORDER = 1
+
 
 def _pack_input(x, x_strides, n_img, n_chan, height, width, pad_top, pad_left, stride_h, stride_w, hq, wq, out):
     """out[(c*sh + py)*sw + px, n*hq*wq + i*wq + j] = x_padded[n, c, i*sh + py, j*sw + px] (0 outside x).
@@ -70,8 +74,8 @@ def _sparse_conv(indptr, offsets, data, xq, hq, wq, bias, residual, has_residual
     grid_rows = n_img * hq
     n_tiles = (grid_rows + rows_per_tile - 1) // rows_per_tile
     width = STRIP_VECTORS * VECTOR_BYTES // xq.itemsize
-    out_wg = out_w + 2  # grid row length of a grid output
-    cells = (out_h + 2) * out_wg
+    out_wg = out_w + 2 * GRID_BORDER  # grid row length of a grid output
+    cells = (out_h + 2 * GRID_BORDER) * out_wg
     # Tile-major order: consecutive items share one tile of grid rows, so that tile's slice of every
     # input channel stays in L2 while all output channels read it (co-major streamed it from L3).
     for item in prange(n_out * n_tiles):
@@ -179,7 +183,7 @@ gather_columns_par, gather_columns_seq = twin(_gather_columns)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 grid_conv_par, grid_conv_seq = twin(_grid_conv)
 
-__all__ = ["grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

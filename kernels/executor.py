@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
-from .conv import (gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
+from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq)
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
 
@@ -100,10 +100,10 @@ def run_plan(ops, arena, f32, u32, u16, x):
             # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len, from_grid, grid_row_len
             n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
             if p[13]:  # a grid activation: read its interior cells (see kernels.conv._grid_conv)
-                wg = width + 2
-                first = p[0] + wg + 1
+                wg = width + 2 * GRID_BORDER
+                first = p[0] + GRID_BORDER * (wg + 1)
                 src = arena[first:p[0] + n_chan * p[14]]
-                strides = np.array([(height + 2) * wg, p[14], wg, 1])
+                strides = np.array([(height + 2 * GRID_BORDER) * wg, p[14], wg, 1])
             else:  # dense CNHW read as (n, c, h, w)
                 src = arena[p[0]:p[0] + n_chan * n_img * height * width]
                 strides = np.array([height * width, n_img * height * width, width, 1])

@@ -327,7 +327,7 @@ def _lower_function(b: _Builder, node, buffers, meta):
     raise Unsupported(f"function {getattr(target, '__name__', target)}")
 
 
-GRID_BORDER = 1  # zero cells around each image of a grid activation: the padding of 3x3 'same' convs
+GRID_BORDER = kernels.GRID_BORDER  # zero cells around each image of a grid activation (kernels.conv)
 
 
 def grid_geometry(n: int, h: int, w: int) -> tuple[int, int, int, int]:
