@@ -14,11 +14,14 @@ from numba import njit, prange
 from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq)
+from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_par, lane_conv_seq,
+                    lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
+TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL = 16, 17, 18, 19, 20
 N_PARAMS = 24
 
 
@@ -129,6 +132,57 @@ def run_plan(ops, arena, f32, u32, u16, x):
             else:
                 grid_conv_seq(indptr, offsets, values, x_grid, p[7], bias, res, has_res, p[6] != 0, mask, p[10], p[11],
                               out)
+        elif code == TO_LANES:  # p: in (CNHW), out, C, N, H, W, border, lanes, plane
+            n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
+            src = arena[p[0]:p[0] + n_chan * n_img * height * width]
+            strides = np.array([height * width, n_img * height * width, width, 1])
+            dst = arena[p[1]:p[1] + n_chan * p[8]].reshape((n_chan, p[8]))
+            if par:
+                to_lanes_par(src, strides, n_img, height, width, p[6], p[7], dst)
+            else:
+                to_lanes_seq(src, strides, n_img, height, width, p[6], p[7], dst)
+        elif code == FROM_LANES:  # p: in (lanes, border 1), out (CNHW), C, N, H, W, lanes, plane
+            n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
+            src = arena[p[0]:p[0] + n_chan * p[7]].reshape((n_chan, p[7]))
+            dst = arena[p[1]:p[1] + n_chan * n_img * height * width].reshape((n_chan, n_img, height, width))
+            if par:
+                from_lanes_par(src, n_img, height, width, 1, p[6], dst)
+            else:
+                from_lanes_seq(src, n_img, height, width, 1, p[6], dst)
+        elif code == LANE_CONV:
+            # p: x, C_in, plane_in, out, C_out, plane_out, residual (-1: none), relu, origin, step_y, step_x,
+            #    OH, OW, lanes, cells_per_strip, co_block, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias
+            x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
+            out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
+            has_res = p[6] >= 0
+            res = arena[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5])) if has_res else out
+            block_ptr = u32[p[16]:p[16] + p[4] * (p[17] + 1)].reshape((p[4], p[17] + 1))
+            offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
+            if par:
+                zero_border_par(out, p[11] + 2, p[12] + 2, 1, p[13])
+                lane_conv_par(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                              out, p[12] + 2, p[11], p[12], p[13], p[14], p[15])
+            else:
+                zero_border_seq(out, p[11] + 2, p[12] + 2, 1, p[13])
+                lane_conv_seq(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                              out, p[12] + 2, p[11], p[12], p[13], p[14], p[15])
+        elif code == LANE_MAXPOOL:
+            # p: in, out, C, H, W, OH, OW, kernel, stride, pad, lanes, plane_in, plane_out (border 1 in and out)
+            src = arena[p[0]:p[0] + p[2] * p[11]].reshape((p[2], p[11]))
+            dst = arena[p[1]:p[1] + p[2] * p[12]].reshape((p[2], p[12]))
+            if par:
+                zero_border_par(dst, p[5] + 2, p[6] + 2, 1, p[10])
+                lane_maxpool_par(src, p[3], p[4], 1, p[7], p[8], p[9], dst, p[5], p[6], p[10])
+            else:
+                zero_border_seq(dst, p[5] + 2, p[6] + 2, 1, p[10])
+                lane_maxpool_seq(src, p[3], p[4], 1, p[7], p[8], p[9], dst, p[5], p[6], p[10])
+        elif code == LANE_AVGPOOL:  # p: in (lanes, border 1), out [C, N], C, N, H, W, lanes, plane
+            src = arena[p[0]:p[0] + p[2] * p[7]].reshape((p[2], p[7]))
+            dst = arena[p[1]:p[1] + p[2] * p[3]].reshape((p[2], p[3]))
+            if par:
+                lane_avgpool_par(src, p[3], p[4], p[5], 1, p[6], dst)
+            else:
+                lane_avgpool_seq(src, p[3], p[4], p[5], 1, p[6], dst)
         elif code == CONV:
             # p: xq, xq_rows, xq_len, out, Cout, N, OH, OW, residual (-1: none), relu, hq, wq,
             #    rows_per_tile, scratch, scratch_rows, indptr, tap offsets, nnz, values, bias, scratch_row_len,

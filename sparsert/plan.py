@@ -135,6 +135,7 @@ class _Builder:
         self.temps: list[int] = []                     # buffers freed once the current node is lowered
         self.converted: dict[tuple, tuple] = {}        # (offset, layout) -> that buffer converted to layout
         self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
+        self.lanes = False                             # 4-D activations batch-in-lanes (kernels.lanes)
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -162,10 +163,8 @@ class _Builder:
         return offset + lead
 
     def free(self, offset: int) -> None:
-        for layout in ("cnhw", "grid"):  # conversions of a buffer live exactly as long as it does
-            copy = self.converted.pop((offset, layout), None)
-            if copy is not None:
-                self.free(copy[0])
+        for key in [k for k in self.converted if k[0] == offset]:  # conversions live exactly as long as it does
+            self.free(self.converted.pop(key)[0])
         offset = self.aliases.pop(offset, offset)
         self.free_blocks.append((offset, self.sizes.pop(offset)))
         self.free_blocks.sort()
@@ -234,6 +233,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             shape = tuple(input_shape)
             if len(shape) == 4:
                 n, c, h, w = shape
+                b.lanes = n >= LANE_MIN_BATCH
                 off = b.alloc(n * c * h * w)
                 b.emit(ex.NCHW_TO_CNHW, 0, off, n, c, h, w)
                 buffers[node] = (off, "cnhw", (c, n, h, w))
@@ -246,7 +246,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             result = node.args[0]
             if not isinstance(result, torch.fx.Node) or result not in buffers:
                 raise Unsupported("output is not a single tensor")
-            output = _cnhw(b, buffers[result]) if buffers[result][1] == "grid" else buffers[result]
+            output = _cnhw(b, buffers[result]) if buffers[result][1] in ("grid", "lanes") else buffers[result]
         elif node.op == "call_module":
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
         elif node.op in ("call_function", "call_method"):
@@ -293,6 +293,12 @@ def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
         return _relu(b, _arg(node, buffers))
     if isinstance(m, nn.MaxPool2d):
         return _lower_maxpool(b, m, _arg(node, buffers))
+    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) and _arg(node, buffers)[1] == "lanes":
+        off_in, _, (c, n, h, w) = _arg(node, buffers)
+        off = b.alloc(c * n)
+        lanes, _, _, plane = lane_geometry(n, h, w)
+        b.emit(ex.LANE_AVGPOOL, c * lanes * h * w, off_in, off, c, n, h, w, lanes, plane)
+        return (off, "cnhw", (c, n, 1, 1))
     if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
         off_in, layout, (c, n, h, w) = _cnhw(b, _arg(node, buffers))
         off = b.alloc(c * n)
@@ -310,7 +316,9 @@ def _lower_function(b: _Builder, node, buffers, meta):
         return _relu(b, _arg(node, buffers))
     if node.op == "call_function" and target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
         a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
-        if a[1] != c[1] and "grid" in (a[1], c[1]):  # one layout for both: border zeros add to zero
+        if a[1] != c[1] and "lanes" in (a[1], c[1]):  # one layout for both: border zeros add to zero
+            a, c = _lanes(b, a), _lanes(b, c)
+        elif a[1] != c[1] and "grid" in (a[1], c[1]):
             a, c = _grid(b, a), _grid(b, c)
         if a[1:] != c[1:]:
             raise Unsupported("add of tensors with different shapes or layouts")
@@ -344,6 +352,9 @@ def _size(buf) -> int:
     if buf[1] == "grid":
         c, n, h, w = buf[2]
         return c * grid_geometry(n, h, w)[2]
+    if buf[1] == "lanes":
+        c, n, h, w = buf[2]
+        return c * lane_geometry(n, h, w)[3]
     return int(np.prod(buf[2]))
 
 
@@ -355,6 +366,14 @@ def _cnhw(b, buf):
             off = b.alloc(c * n * h * w)
             b.emit(ex.PACK, c * n * h * w, off_in, off, c, n, h, w, 0, 0, 1, 1, h, w, n * h * w, 1,
                    grid_geometry(n, h, w)[2])
+            b.converted[(buf[0], "cnhw")] = (off, "cnhw", (c, n, h, w))
+        return b.converted[(buf[0], "cnhw")]
+    if buf[1] == "lanes":
+        if (buf[0], "cnhw") not in b.converted:
+            off_in, _, (c, n, h, w) = buf
+            lanes, _, _, plane = lane_geometry(n, h, w)
+            off = b.alloc(c * n * h * w)
+            b.emit(ex.FROM_LANES, c * n * h * w, off_in, off, c, n, h, w, lanes, plane)
             b.converted[(buf[0], "cnhw")] = (off, "cnhw", (c, n, h, w))
         return b.converted[(buf[0], "cnhw")]
     if buf[1] != "cnhw":
@@ -408,11 +427,19 @@ def _flatten(b, buf):
 
 
 def _lower_maxpool(b, m: nn.MaxPool2d, buf):
-    off_in, _, (c, n, h, w) = _cnhw(b, buf)
     k, s, p, d = (m.kernel_size, m.stride, m.padding, m.dilation)
     if not all(isinstance(v, int) for v in (k, s, p, d)) or d != 1 or m.ceil_mode or m.return_indices:
         raise Unsupported("maxpool other than square, dilation 1, floor mode")
+    c, n, h, w = buf[2]
     out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if buf[1] == "lanes":
+        lanes, _, _, plane_in = lane_geometry(n, h, w)
+        plane_out = lane_geometry(n, out_h, out_w)[3]
+        off = b.alloc(c * plane_out)
+        b.emit(ex.LANE_MAXPOOL, c * lanes * out_h * out_w * k * k, buf[0], off, c, h, w, out_h, out_w, k, s, p, lanes,
+               plane_in, plane_out)
+        return (off, "lanes", (c, n, out_h, out_w))
+    off_in, _, (c, n, h, w) = _cnhw(b, buf)
     off = b.alloc(c * n * out_h * out_w)
     b.emit(ex.MAXPOOL, c * n * out_h * out_w * k * k, off_in, off, c, n, h, w, out_h, out_w, k, s, p)
     return (off, "cnhw", (c, n, out_h, out_w))
@@ -467,13 +494,17 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     """A conv kept dense (sparse would not pay): gather columns + SpMM with every weight stored."""
     if m.padding_mode != "zeros":
         raise Unsupported("dense conv with a padding mode other than zeros")
-    off_in, _, (c, n, h, w) = _cnhw(b, buf)
+    c, n, h, w = buf[2]
     pads = explicit_pads(m.padding, m.kernel_size, m.dilation)
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, m.stride, m.dilation, m.kernel_size)
     fmt = _dense_as_csr(m, n * out_h * out_w)
+    bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
+    if b.lanes:
+        return _lower_lane_conv(b, buf, None, fmt.indptr, fmt.indices, fmt.data, bias, False, m.kernel_size, m.stride,
+                                m.dilation, pads)
+    off_in = _cnhw(b, buf)[0]
     out = b.alloc(m.out_channels * n * out_h * out_w)
     cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, pads, out_h, out_w)
-    bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
     idx_off, idx_u16 = b.indices(fmt.indices)
     b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, rows, pixels, out, m.out_channels, -1, 0,
            b.weights_u32(fmt.indptr), idx_off, fmt.nnz, b.weights_f32(fmt.data),
@@ -519,7 +550,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     if m.padding_mode != "zeros" or m.format != "csr" or m.values.dtype != torch.float32 or m.backend == "torch":
         raise Unsupported("conv outside the numba kernel's scope")
     src = _arg(node, buffers)
-    if src[1] not in ("cnhw", "grid"):
+    if src[1] not in ("cnhw", "grid", "lanes"):
         raise Unsupported("expected a 4-D activation")
     c, n, h, w = src[2]
     residual = node.kwargs.get("residual")
@@ -530,8 +561,11 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     res = None
     if residual is not None:
         res = buffers.get(residual)
-        if res is None or res[1] not in ("cnhw", "grid") or tuple(res[2]) != out_shape:
+        if res is None or res[1] not in ("cnhw", "grid", "lanes") or tuple(res[2]) != out_shape:
             raise Unsupported("residual shape differs from the conv output")
+    if b.lanes:
+        return _lower_lane_conv(b, src, res, m.indptr.numpy(), m.indices.numpy(), m.values.detach().numpy(),
+                                m.bias_or_zeros.detach().numpy(), m.relu, m.kernel_size, m.stride, m.dilation, m.pads)
     im2col = ops.uses_im2col(n, out_h, out_w, hq, wq, m.out_channels, m.density)
     if _runs_on_grid(m, n, h, w):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
@@ -581,6 +615,72 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
            out_row_len, int(grid_out))
     b.free(scratch)
     return (off, "grid" if grid_out else "cnhw", out_shape)
+
+
+# Batch-in-lanes activations (kernels.lanes) from this batch on: below it a cell's lanes would be mostly
+# padding and the pixel-major grid wins.
+LANE_MIN_BATCH = 16
+LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
+LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
+LANE_BLOCK_MIN_NNZ = 16    # nonzeros per row and channel block: fewer and the partial-sum passes cost more
+
+
+def lane_geometry(n: int, h: int, w: int, border: int = 1) -> tuple[int, int, int, int]:
+    """(lanes, rows, cells per row, channel plane length) of a lanes activation with the given border."""
+    lanes = kernels.lane_count(n)
+    hq, wq = h + 2 * border, w + 2 * border
+    return lanes, hq, wq, ops.packed_row_len(hq * wq * lanes)
+
+
+def _lanes(b, buf, border: int = 1):
+    """The 4-D activation buf batch-in-lanes with this border, converting once (the copy lives as long as buf)."""
+    if buf[1] == "lanes" and border == 1:
+        return buf
+    key = (buf[0], f"lanes{border}")
+    if key not in b.converted:
+        off_in, _, (c, n, h, w) = _cnhw(b, buf)
+        lanes, _, _, plane = lane_geometry(n, h, w, border)
+        off = b.alloc(c * plane)
+        b.emit(ex.TO_LANES, c * plane, off_in, off, c, n, h, w, border, lanes, plane)
+        b.converted[key] = (off, "lanes", (c, n, h, w))
+    return b.converted[key]
+
+
+def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> int:
+    """Input channels per block of a lane conv (kernels.lanes._lane_conv): enough that the block's
+    window fills about L1 and each row has LANE_BLOCK_MIN_NNZ nonzeros in it, at most all of them."""
+    window = LANE_WINDOW_BYTES // (taps * lanes * 4)
+    enough = LANE_BLOCK_MIN_NNZ / max(taps * density, 1e-9)
+    return int(max(1, min(n_chan, max(window, np.ceil(enough)))))
+
+
+def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads):
+    """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes)."""
+    c, n, h, w = src[2]
+    out_channels = len(indptr) - 1
+    out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
+    border = max(1, *pads)
+    x = _lanes(b, src, border)
+    lanes, _, wq_in, plane_in = lane_geometry(n, h, w, border)
+    _, _, _, plane_out = lane_geometry(n, out_h, out_w)
+    offsets = kernels.lane_offsets(indices, kernel_size, dilation, plane_in, wq_in, lanes)
+    if offsets.dtype != np.uint32:
+        raise Unsupported("lanes activation past 2**32 elements")
+    if res is not None:
+        res = _lanes(b, res)
+    out = b.alloc(out_channels * plane_out)
+    (kh, kw), (sh, sw) = kernel_size, stride
+    taps = kh * kw
+    density = len(indices) / max(1, out_channels * c * taps)
+    block = lane_channel_block(c, taps, lanes, density)
+    block_ptr = kernels.channel_block_ptr(indptr, indices, taps, block, c)
+    cells_per_strip = max(1, kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
+    origin = (border - pads[0]) * wq_in + border - pads[2]
+    b.emit(ex.LANE_CONV, len(indices) * lanes * out_h * out_w, x[0], c, plane_in, out, out_channels, plane_out,
+           -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, out_h, out_w, lanes, cells_per_strip,
+           LANE_CO_BLOCK, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets), len(indices),
+           b.weights_f32(values), b.weights_f32(bias))
+    return (out, "lanes", (out_channels, n, out_h, out_w))
 
 
 def _lower_grid_conv(b: _Builder, m: SparseConv2d, src, res):

@@ -164,7 +164,7 @@ def _models():
 
 
 @pytest.mark.parametrize("name,factory,shape", list(_models()), ids=[m[0] for m in _models()])
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 20])  # 20: batch-in-lanes, 12 of its 32 lanes spare
 def test_plan_runs_whole_network_and_matches_dense(name, factory, shape, batch):
     torch.manual_seed(0)
     model = factory()
@@ -481,3 +481,136 @@ def test_grid_conv_as_the_last_layer_returns_dense_nchw():
         out = sparse(x)
     assert out.shape == (2, 6, 20, 20)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- batch-in-lanes activations
+def _lane_convs(plan):
+    from sparsert.kernels import executor as ex
+    return plan.ops[:, 0].tolist().count(ex.LANE_CONV)
+
+
+def _run_on_nan_arena(sparse, x):
+    """Call through the plan over an arena full of NaN: any cell or lane an op reads without some op
+    having written it shows up in the result."""
+    from sparsert.plan import aligned_empty
+    plan = sparse.plan_for(x)
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan
+    before = CALLS["numba.plan"]
+    with torch.no_grad():
+        out = sparse(x)
+    assert CALLS["numba.plan"] == before + 1
+    return out
+
+
+class _ConvResidual(nn.Module):
+    """relu(conv(x) + skip(x)), both convs of one geometry: the add fuses into one conv's epilogue."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.conv = _masked(nn.Conv2d(8, 16, **config), 0.3)
+        self.skip = _masked(nn.Conv2d(8, 16, **config), 0.3, seed=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.skip(x))
+
+
+@pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
+@pytest.mark.parametrize("batch", [16, 20])
+def test_lane_conv_matches_dense(config, batch):
+    """Every conv geometry through the lanes kernel, with fused bias, residual and ReLU; batch 20 leaves
+    12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border."""
+    torch.manual_seed(0)
+    model = _ConvResidual(**CONV_CONFIGS[config]).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(batch, 8, 13, 11)
+    plan = sparse.plan_for(x)
+    assert _lane_convs(plan) == 2
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _LaneNet(nn.Module):
+    """A ResNet's pieces on lanes: stem with fused ReLU, maxpool, a residual block, a strided conv with a
+    1x1 downsample, a conv kept dense, an unfused add with a ReLU, average pool and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 5, stride=2, padding=2)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(16, 32, 1, stride=2, bias=False)
+        self.dense = nn.Conv2d(32, 32, 3, padding=1)  # left unpruned: stays dense
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.b(torch.relu(self.a(x))) + x)
+        y = self.down(x) + self.skip(x)
+        y = torch.relu(y + self.dense(y))
+        return self.fc(torch.flatten(self.avg(y), 1))
+
+
+def _lane_net(density=0.3):
+    torch.manual_seed(0)
+    model = _LaneNet().eval()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "dense":
+            _masked(m, density)
+    return model
+
+
+@pytest.mark.parametrize("batch", [16, 33])
+def test_lane_network_matches_dense_over_a_nan_arena(batch):
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(batch, 3, 30, 26)
+    assert _lane_convs(sparse.plan_for(x)) == 6  # every conv, the dense one included
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_small_batches_stay_pixel_major():
+    from sparsert.plan import LANE_MIN_BATCH
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    assert _lane_convs(sparse.plan_for(torch.randn(LANE_MIN_BATCH - 1, 3, 30, 26))) == 0
+    assert _lane_convs(sparse.plan_for(torch.randn(LANE_MIN_BATCH, 3, 30, 26))) == 6
+
+
+def test_lane_conv_sums_channel_blocks_before_the_relu(monkeypatch):
+    """Force one input channel per block: every block after the first adds to the partial sums in the
+    output, and the ReLU (and nothing else) waits for the last block. A ReLU applied per block, or a
+    residual or bias added twice, would change the result."""
+    from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "LANE_WINDOW_BYTES", 1)
+    monkeypatch.setattr(plan_module, "LANE_BLOCK_MIN_NNZ", 0)
+    model = _lane_net(density=0.6)
+    sparse = sparsert.sparsify(model, min_sparsity=0.3)
+    x = torch.randn(16, 3, 30, 26)
+    plan = sparse.plan_for(x)
+    from sparsert.kernels import executor as ex
+    blocks = [row[2 + 17] for row in plan.ops if row[0] == ex.LANE_CONV]
+    assert max(blocks) == 32  # the dense conv's 32 input channels, one block each
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lane_maxpool_and_relu_keep_nan_like_torch():
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 3, 30, 26)
+    x[3, :, 4:9, 4:9] = float("nan")
+    with torch.no_grad():
+        out, ref = sparse(x), model(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[3]).all()
+    torch.testing.assert_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)], rtol=1e-4, atol=1e-4)
+
+
+def test_lane_channel_block_rule():
+    from sparsert.plan import LANE_BLOCK_MIN_NNZ, LANE_WINDOW_BYTES, lane_channel_block
+    # dense-ish 3x3 at 64 lanes: the window decides (about L1 of input per block)
+    assert lane_channel_block(256, 9, 64, 0.5) == LANE_WINDOW_BYTES // (9 * 64 * 4)
+    # very sparse: blocks grow until each row has LANE_BLOCK_MIN_NNZ nonzeros in one
+    assert lane_channel_block(512, 9, 64, 0.02) == int(np.ceil(LANE_BLOCK_MIN_NNZ / (9 * 0.02)))
+    assert lane_channel_block(8, 9, 64, 0.02) == 8  # never more than all channels
