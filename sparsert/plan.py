@@ -674,7 +674,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     density = len(indices) / max(1, out_channels * c * taps)
     block = lane_channel_block(c, taps, lanes, density)
     block_ptr = kernels.channel_block_ptr(indptr, indices, taps, block, c)
-    cells_per_strip = max(1, kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
+    cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
     origin = (border - pads[0]) * wq_in + border - pads[2]
     b.emit(ex.LANE_CONV, len(indices) * lanes * out_h * out_w, x[0], c, plane_in, out, out_channels, plane_out,
            -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, out_h, out_w, lanes, cells_per_strip,

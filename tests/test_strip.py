@@ -18,6 +18,12 @@ def _strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r
                           mask, m, True)
 
 
+@njit(cache=False)
+def _wide(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu):
+    kernels.strip.wide_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                             values, 0, False)
+
+
 def _reference(x, x0, stride, indices, values, k0, k1, init, n_valid, res, r, has_res, relu):
     acc = np.full(n_valid, init, dtype=np.float64)
     for k in range(k0, k1):
@@ -51,6 +57,24 @@ def test_strip_matches_reference_at_every_width(dtype, index_dtype, has_res, rel
         expected = _reference(x, 5, 100, indices, values, 3, 20, 0.25, n_valid, res, 40, has_res, relu)
         np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
         # the masked last vector writes nothing past n_valid, nothing before o
+        assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("has_res,relu", [(False, False), (True, True)])
+def test_wide_strip_matches_reference_at_every_width(dtype, has_res, relu, gen):
+    """Up to 8 vectors: the 8-accumulator kernel past 7 vectors, one or two 4-vector strips below."""
+    rng = np.random.default_rng(int(gen.initial_seed()))
+    lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
+    x = rng.standard_normal(6000).astype(dtype)
+    indices = rng.integers(0, 30, 23).astype(np.uint32)
+    values = rng.standard_normal(23).astype(dtype)
+    res = rng.standard_normal(400).astype(dtype)
+    for n_valid in sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes}):
+        out = np.full(400, 7.0, dtype=dtype)
+        _wide(x, 5, 150, indices, values, 3, 20, 0.25, out, 11, n_valid, res, 40, has_res, relu)
+        expected = _reference(x, 5, 150, indices, values, 3, 20, 0.25, n_valid, res, 40, has_res, relu)
+        np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
         assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
 
 
