@@ -136,6 +136,7 @@ class _Builder:
         self.converted: dict[tuple, tuple] = {}        # (offset, layout) -> that buffer converted to layout
         self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
         self.lanes = False                             # 4-D activations batch-in-lanes (kernels.lanes)
+        self.relu_flag: dict = {}                      # node -> (row, param) of the ReLU flag of the op writing it
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -216,6 +217,11 @@ class _Builder:
         self.rows.append([code, parallel, *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
 
 
+# Ops with a fused ReLU flag: where it and the output offset sit in their parameters (kernels.executor).
+_RELU_PARAM = {ex.LANE_CONV: 7, ex.CONV_GEMM: 6, ex.LINEAR_CSR: 5, ex.CONV: 9, ex.GRID_CONV: 6}
+_OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.CONV: 3, ex.GRID_CONV: 3}
+
+
 def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
     modules = dict(gm.named_modules())
     if not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in modules.values()):
@@ -248,7 +254,12 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
                 raise Unsupported("output is not a single tensor")
             output = _cnhw(b, buffers[result]) if buffers[result][1] in ("grid", "lanes") else buffers[result]
         elif node.op == "call_module":
+            first_row = len(b.rows)
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
+            for row in range(first_row, len(b.rows)):  # the op that wrote this node's output, if it has a ReLU flag
+                code = b.rows[row][0]
+                if code in _RELU_PARAM and b.rows[row][2 + _OUTPUT_PARAM[code]] == buffers[node][0]:
+                    b.relu_flag[node] = (row, _RELU_PARAM[code])
         elif node.op in ("call_function", "call_method"):
             buffers[node] = _lower_function(b, node, buffers, meta)
         else:
@@ -290,7 +301,7 @@ def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
     if isinstance(m, nn.Linear) and not node.kwargs:
         return _lower_linear(b, m, _arg(node, buffers), sparse=False)
     if isinstance(m, nn.ReLU):
-        return _relu(b, _arg(node, buffers))
+        return _relu(b, node, _arg(node, buffers))
     if isinstance(m, nn.MaxPool2d):
         return _lower_maxpool(b, m, _arg(node, buffers))
     if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) and _arg(node, buffers)[1] == "lanes":
@@ -313,7 +324,7 @@ def _lower_function(b: _Builder, node, buffers, meta):
     target = node.target
     if (node.op == "call_function" and target in _RELU_FUNCTIONS) or (node.op == "call_method" and target in
                                                                           ("relu", "relu_")):
-        return _relu(b, _arg(node, buffers))
+        return _relu(b, node, _arg(node, buffers))
     if node.op == "call_function" and target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
         a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
         if a[1] != c[1] and "lanes" in (a[1], c[1]):  # one layout for both: border zeros add to zero
@@ -408,8 +419,14 @@ def _alloc_like(b, buf) -> int:
     return b.alloc_grid(*buf[2]) if buf[1] == "grid" else b.alloc(_size(buf))
 
 
-def _relu(b, buf):
-    """Elementwise on either layout: a grid's zero border stays zero (relu(0) = 0)."""
+def _relu(b, node, buf):
+    """A ReLU folds into the epilogue of the op that wrote its input when it is that output's only reader
+    (layers kept dense are not fused by fuse.py). Else elementwise on any layout: a zero border stays zero."""
+    source = node.args[0]
+    if source in b.relu_flag and len(source.users) == 1:
+        row, param = b.relu_flag.pop(source)
+        b.rows[row][2 + param] = 1
+        return buf
     off = _alloc_like(b, buf)
     b.emit(ex.RELU, 0, buf[0], off, _size(buf))
     return (off, buf[1], buf[2])

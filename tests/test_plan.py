@@ -615,3 +615,32 @@ def test_lane_channel_block_rule():
     # 2% dense: a window-sized block holds ~2 nonzeros per row, too few to pay a pass: one block
     assert lane_channel_block(512, 9, 64, 0.02) == 512
     assert lane_channel_block(8, 9, 64, 0.5) == 8  # never more than all channels
+
+
+class _DenseThenRelu(nn.Module):
+    """A conv kept dense (fuse.py leaves it alone) followed by a ReLU; with `reuse`, the pre-ReLU output
+    is read again, so the ReLU must not fold into the conv."""
+
+    def __init__(self, reuse):
+        super().__init__()
+        self.reuse = reuse
+        self.dense = nn.Conv2d(3, 8, 3, padding=1)
+        self.sparse = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.2)
+
+    def forward(self, x):
+        y = self.dense(x)
+        z = self.sparse(torch.relu(y))
+        return z + y if self.reuse else z
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_relu_folds_into_a_dense_layer_only_when_it_is_the_sole_reader(batch, reuse):
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = _DenseThenRelu(reuse).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(batch, 3, 12, 12)
+    plan = sparse.plan_for(x)
+    assert (ex.RELU in plan.ops[:, 0].tolist()) == reuse
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
