@@ -128,24 +128,29 @@ def _from_lanes(x, n_img, height, width, border, lanes, out):
 
 def _lane_maxpool(x, height, width, border, kernel, stride, pad, out, out_h, out_w, lanes):
     """Max over each window of a lanes activation (window cells outside the image never win; NaN
-    propagates, as in torch). Out: out[C, plane_out], interior cells only (border 1 zeroed by the caller)."""
+    propagates, as in torch). Out: out[C, plane_out], interior cells only (border 1 zeroed by the caller).
+    The running max lives in a local row of lanes, not in `out`, which may alias x as far as LLVM knows
+    (torchvision resnet18's pool at batch 64: 1.1 -> 0.8 ms)."""
     wq, wq_out = width + 2 * border, out_w + 2
     for cy in prange(out.shape[0] * out_h):
         c, oy = cy // out_h, cy % out_h
         src, dst = x[c], out[c]
+        best = np.empty(lanes, dtype=x.dtype)
         y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, height)
         for ox in range(out_w):
             x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, width)
-            o = ((oy + 1) * wq_out + ox + 1) * lanes
             first = ((y_lo + border) * wq + x_lo + border) * lanes
             for n in range(lanes):
-                dst[o + n] = src[first + n]
+                best[n] = src[first + n]
             for y in range(y_lo, y_hi):
                 for xx in range(x_lo, x_hi):
                     s = ((y + border) * wq + xx + border) * lanes
                     for n in range(lanes):
-                        v, best = src[s + n], dst[o + n]
-                        dst[o + n] = v if v > best or v != v else best
+                        v, b = src[s + n], best[n]
+                        best[n] = v if v > b or v != v else b
+            o = ((oy + 1) * wq_out + ox + 1) * lanes
+            for n in range(lanes):
+                dst[o + n] = best[n]
 
 
 def _lane_avgpool(x, n_img, height, width, border, lanes, out):

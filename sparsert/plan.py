@@ -519,26 +519,62 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     if b.lanes:
         return _lower_lane_conv(b, buf, None, fmt.indptr, fmt.indices, fmt.data, bias, False, m.kernel_size, m.stride,
                                 m.dilation, pads)
-    off_in = _cnhw(b, buf)[0]
-    out = b.alloc(m.out_channels * n * out_h * out_w)
-    cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, pads, out_h, out_w)
-    idx_off, idx_u16 = b.indices(fmt.indices)
-    b.emit(ex.CONV_GEMM, fmt.nnz * pixels, cols, rows, pixels, out, m.out_channels, -1, 0,
-           b.weights_u32(fmt.indptr), idx_off, fmt.nnz, b.weights_f32(fmt.data),
-           b.weights_f32(bias), ops.packed_row_len(pixels), idx_u16)
-    b.free(cols)
-    return (out, "cnhw", (m.out_channels, n, out_h, out_w))
+    return _lower_im2col_conv(b, _cnhw(b, buf)[0], (c, n, h, w), -1, fmt.indptr, fmt.indices, fmt.data, bias, False,
+                              m.kernel_size, m.stride, m.dilation, pads)
 
 
-def _im2col(b: _Builder, off_in, shape, kernel_size, stride, dilation, pads, out_h, out_w):
-    """Emit the column gather over the CNHW activation at off_in; returns (cols offset, rows, pixels)."""
+def live_taps(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads) -> np.ndarray:
+    """bool[kh * kw]: whether tap (i, j) reads the input for at least one output pixel. A dead tap reads
+    only padding (a 3x3 'same' conv on a 1x1 map has one live tap of nine), so its weights multiply zeros."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    rows = np.arange(out_h)[:, None] * sh - pads[0] + np.arange(kh)[None, :] * dh
+    cols = np.arange(out_w)[:, None] * sw - pads[2] + np.arange(kw)[None, :] * dw
+    live_y = ((rows >= 0) & (rows < h)).any(axis=0)
+    live_x = ((cols >= 0) & (cols < w)).any(axis=0)
+    return (live_y[:, None] & live_x[None, :]).reshape(-1)
+
+
+def drop_dead_taps(indptr, indices, values, taps: int, live, compact: bool):
+    """The CSR of a conv (columns c * taps + t) without its nonzeros at dead taps (exactly zero terms:
+    weights are finite, checked at conversion). compact: renumber the columns c * n_live + rank of t,
+    for an im2col that gathers live taps only."""
+    indptr, indices = np.asarray(indptr).astype(np.int64), np.asarray(indices).astype(np.int64)
+    if live.all():
+        return indptr, indices, values
+    keep = live[indices % taps]
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    kept_per_row = np.bincount(rows[keep], minlength=len(indptr) - 1)
+    new_indptr = np.concatenate([[0], np.cumsum(kept_per_row)])
+    new_indices = indices[keep]
+    if compact:
+        rank = np.cumsum(live) - 1
+        new_indices = new_indices // taps * int(live.sum()) + rank[new_indices % taps]
+    return new_indptr, new_indices, np.asarray(values)[keep]
+
+
+def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, values, bias, relu, kernel_size, stride,
+                       dilation, pads):
+    """Gather the live taps' columns of the CNHW activation at off_in, then one CSR SpMM."""
     c, n, h, w = shape
+    out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
+    out_channels = len(indptr) - 1
     table = kernels.im2col_table(n, h, w, out_h, out_w, kernel_size, stride, dilation, pads)
     taps, pixels = table.shape
-    cols = b.alloc(c * taps * ops.packed_row_len(pixels))
-    b.emit(ex.IM2COL, c * taps * pixels, off_in, n * h * w, cols, c, taps, pixels, b.weights_u32(table),
-           ops.packed_row_len(pixels))
-    return cols, c * taps, pixels
+    live = live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
+    indptr, indices, values = drop_dead_taps(indptr, indices, values, taps, live, compact=True)
+    table = table[live]
+    n_live = table.shape[0]
+    # Rows of fewer pixels than a vector are packed tight: padded to whole cache lines, a 1x1 or 2x2 map's
+    # columns spread over 16x or 4x the memory, and the gather spent its time on write misses.
+    row_len = pixels if pixels < kernels.LANE_VECTOR else ops.packed_row_len(pixels)
+    cols = b.alloc(c * n_live * row_len)
+    b.emit(ex.IM2COL, c * n_live * pixels, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
+    out = b.alloc(out_channels * n * out_h * out_w)
+    idx_off, idx_u16 = b.indices(indices)
+    b.emit(ex.CONV_GEMM, len(values) * pixels, cols, c * n_live, pixels, out, out_channels, res_off, int(relu),
+           b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
+    b.free(cols)
+    return (out, "cnhw", (out_channels, n, out_h, out_w))
 
 
 def _runs_on_grid(m, n: int, h: int, w: int) -> bool:
@@ -588,17 +624,9 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
     if im2col:
         res_off = -1 if res is None else _cnhw(b, res)[0]
-        off = b.alloc(int(np.prod(out_shape)))
-        off_in = _cnhw(b, src)[0]
-        cols, rows, pixels = _im2col(b, off_in, (c, n, h, w), m.kernel_size, m.stride, m.dilation, m.pads,
-                                     out_h, out_w)
-        idx_off, idx_u16 = b.indices(m.indices.numpy())
-        b.emit(ex.CONV_GEMM, m.nnz * pixels, cols, rows, pixels, off, m.out_channels, res_off, int(m.relu),
-               b.weights_u32(m.indptr.numpy()), idx_off, m.nnz,
-               b.weights_f32(m.values.detach().numpy()), b.weights_f32(m.bias_or_zeros.detach().numpy()),
-               ops.packed_row_len(pixels), idx_u16)
-        b.free(cols)
-        return (off, "cnhw", out_shape)
+        return _lower_im2col_conv(b, _cnhw(b, src)[0], (c, n, h, w), res_off, m.indptr.numpy(), m.indices.numpy(),
+                                  m.values.detach().numpy(), m.bias_or_zeros.detach().numpy(), m.relu, m.kernel_size,
+                                  m.stride, m.dilation, m.pads)
     # A strided conv feeding grid convs writes its output (borders included) as a grid: no pack after.
     grid_out = _feeds_grid_conv(node, n, out_h, out_w)
     if grid_out:
@@ -684,6 +712,9 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     x = _lanes(b, src, border)
     lanes, _, wq_in, plane_in = lane_geometry(n, h, w, border)
     _, _, _, plane_out = lane_geometry(n, out_h, out_w)
+    live = live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
+    indptr, indices, values = drop_dead_taps(indptr, indices, values, kernel_size[0] * kernel_size[1], live,
+                                             compact=False)
     offsets = kernels.lane_offsets(indices, kernel_size, dilation, plane_in, wq_in, lanes)
     if offsets.dtype != np.uint32:
         raise Unsupported("lanes activation past 2**32 elements")

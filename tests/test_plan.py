@@ -644,3 +644,32 @@ def test_relu_folds_into_a_dense_layer_only_when_it_is_the_sole_reader(batch, re
     plan = sparse.plan_for(x)
     assert (ex.RELU in plan.ops[:, 0].tolist()) == reuse
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_live_taps_follow_the_geometry():
+    from sparsert.plan import live_taps
+    center = np.zeros(9, bool)
+    center[4] = True
+    assert (live_taps(1, 1, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)) == center).all()  # 1x1 map: center only
+    assert live_taps(2, 2, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).all()
+    # stride 2 from 2x2 to 1x1: rows and columns -1 are padding, 0 and 1 are pixels
+    assert live_taps(2, 2, 1, 1, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)).reshape(3, 3).tolist() == \
+        [[False, False, False], [False, True, True], [False, True, True]]
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_taps_that_read_only_padding_are_dropped(batch):
+    """On a 1x1 map a 3x3 'same' conv reads one live tap of nine: the plan keeps only its nonzeros (8/9
+    of the work was multiplying zeros) and still matches torch."""
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = nn.Sequential(_masked(nn.Conv2d(16, 32, 3, padding=1), 0.5), nn.ReLU(),
+                          _masked(nn.Conv2d(32, 8, 3, padding=1), 0.5)).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.3)
+    x = torch.randn(batch, 16, 1, 1)
+    plan = sparse.plan_for(x)
+    center_nnz = sum(int((m.weight[:, :, 1, 1] != 0).sum()) for m in model if isinstance(m, nn.Conv2d))
+    nnz_param = {ex.CONV_GEMM: 9, ex.LANE_CONV: 19}
+    stored = sum(row[2 + nnz_param[row[0]]] for row in plan.ops if row[0] in nnz_param)
+    assert stored == center_nnz
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
