@@ -1,7 +1,7 @@
 """Shared Numba settings: every kernel is cached on disk and compiled in a parallel and a serial twin.
 
-Numba's cache is keyed on each kernel's own source file: after editing this file, delete
-kernels/__pycache__ so the kernels recompile with the new helper."""
+Numba's cache is keyed on each kernel's own source file; `kernels/__init__` empties it whenever any
+kernel source changes, so kernels that inline these helpers recompile with them."""
 import types
 
 import numpy as np

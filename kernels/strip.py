@@ -18,8 +18,8 @@ Arrays must be C-contiguous (addressed flat from their first element); x, out an
 float dtype; indices are unsigned integers. Callers keep n_valid within the arrays' bounds, and call
 `row_strip`, which picks the vector count for n_valid (1 <= n_valid <= STRIP_VECTORS vectors).
 
-Numba's disk cache is keyed on each kernel's own source file: after editing this file, delete
-kernels/__pycache__ so the kernels that inline the strip recompile with it.
+Numba's disk cache is keyed on each kernel's own source file; `kernels/__init__` empties it whenever
+any kernel source changes, so the kernels that inline the strip recompile with it.
 """
 from llvmlite import ir
 from numba import njit, types

@@ -1,6 +1,7 @@
 """Numba kernels called directly on raw arrays, the ops layer that dispatches them, and the on-disk cache."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -461,3 +462,24 @@ def test_spmm_dispatch_single_column_matches_dense(parallel, has_residual, relu,
     if relu:
         expected = np.maximum(expected, 0.0)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_is_emptied_when_any_kernel_source_changes(tmp_path):
+    """Kernels inline code from other kernel files, which Numba's per-file cache key misses: a stamp of
+    all kernel sources guards the cache. A stale stamp (sources edited since) empties it."""
+    cache = tmp_path / "numba_cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    probe = ("import pathlib, sparsert.kernels as k; "
+             "print(pathlib.Path(k._executor.run_plan._cache._cache_path))")
+    run = lambda: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
+                                 check=True).stdout.strip()
+    cache_dir = pathlib.Path(run())
+    stamp = cache_dir / "sparsert-kernels.sha256"
+    digest = stamp.read_text()
+    stale = cache_dir / "conv._grid_conv-1.py311.nbi"
+    stale.write_bytes(b"compiled from an older conv.py")
+    run()
+    assert stale.exists()  # same sources: the cache is kept
+    stamp.write_text("sources as they were before an edit")
+    run()
+    assert not stale.exists() and stamp.read_text() == digest
