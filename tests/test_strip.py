@@ -138,3 +138,19 @@ def test_packed_row_len_is_an_odd_number_of_cache_lines(length):
 def test_plan_arena_starts_on_a_cache_line(size):
     a = aligned_empty(size)
     assert a.shape == (size,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("n_valid", [1, 5, 16, 17, 32])
+def test_split_accumulators_sum_every_nonzero_count(n_valid, gen):
+    """Strips of 1-2 vectors split the nonzeros over 4 or 2 accumulator sets (FMA latency): every count,
+    fewer than the sets included, must sum all of them exactly once."""
+    rng = np.random.default_rng(int(gen.initial_seed()))
+    x = rng.standard_normal(3000).astype(np.float32)
+    indices = rng.integers(0, 40, 12).astype(np.uint32)
+    values = rng.standard_normal(12).astype(np.float32)
+    for count in range(10):
+        out = np.full(100, 7.0, np.float32)
+        _strip(x, 2, 64, indices, values, 1, 1 + count, -0.5, out, 3, n_valid, out, 0, False, False)
+        expected = _reference(x, 2, 64, indices, values, 1, 1 + count, -0.5, n_valid, out, 0, False, False)
+        np.testing.assert_allclose(out[3:3 + n_valid], expected, rtol=1e-5, atol=1e-5)
+        assert (out[:3] == 7.0).all() and (out[3 + n_valid:] == 7.0).all()
