@@ -117,68 +117,50 @@ def _make_strip(n_vec: int):
                 return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
                         for v, acc in enumerate(accs)]
 
-            # Main loop: n_sets nonzeros per trip into n_sets independent accumulator sets (hides FMA latency).
+            def accumulate(k_from, k_to, inits):
+                """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
+                ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
+                entry = builder.block
+                body = builder.append_basic_block("strip.loop")
+                exit_ = builder.append_basic_block("strip.exit")
+                builder.cbranch(builder.icmp_signed("<", k_from, k_to), body, exit_)
+                builder.position_at_end(body)
+                k = builder.phi(i64)
+                k.add_incoming(k_from, entry)
+                sets = [[builder.phi(vec) for _ in init] for init in inits]
+                for phis, init in zip(sets, inits):
+                    for phi, value in zip(phis, init):
+                        phi.add_incoming(value, entry)
+                stepped = [fma_step(builder.add(k, ir.Constant(i64, s)), phis) for s, phis in enumerate(sets)]
+                k_next = builder.add(k, ir.Constant(i64, len(inits)))
+                end = builder.block
+                k.add_incoming(k_next, end)
+                for phis, values in zip(sets, stepped):
+                    for phi, value in zip(phis, values):
+                        phi.add_incoming(value, end)
+                builder.cbranch(builder.icmp_signed("<", k_next, k_to), body, exit_)
+                builder.position_at_end(exit_)
+                after = []
+                for init, values in zip(inits, stepped):
+                    row = []
+                    for first, last in zip(init, values):
+                        phi = builder.phi(vec)
+                        phi.add_incoming(first, entry)
+                        phi.add_incoming(last, end)
+                        row.append(phi)
+                    after.append(row)
+                return after
+
+            # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
+            # remaining < n_sets nonzeros one by one.
             count = builder.sub(k1_v, k0_v)
-            k_main = builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)), ir.Constant(i64, n_sets)))
-            pre = builder.block
-            loop = builder.append_basic_block("strip.loop")
-            after = builder.append_basic_block("strip.after")
-            builder.cbranch(builder.icmp_signed("<", k0_v, k_main), loop, after)
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            k.add_incoming(k0_v, pre)
-            sets = []
-            for s_i in range(n_sets):
-                accs = [builder.phi(vec) for _ in range(n_vec)]
-                for acc in accs:
-                    acc.add_incoming(start if s_i == 0 else zero, pre)
-                sets.append(accs)
-            new_sets = [fma_step(builder.add(k, ir.Constant(i64, s_i)), accs) for s_i, accs in enumerate(sets)]
-            k_next = builder.add(k, ir.Constant(i64, n_sets))
-            body_end = builder.block
-            k.add_incoming(k_next, body_end)
-            for accs, news in zip(sets, new_sets):
-                for acc, nv in zip(accs, news):
-                    acc.add_incoming(nv, body_end)
-            builder.cbranch(builder.icmp_signed("<", k_next, k_main), loop, after)
-            builder.position_at_end(after)
-            merged = []
-            for s_i, news in enumerate(new_sets):
-                row_phis = []
-                for nv in news:
-                    phi = builder.phi(vec)
-                    phi.add_incoming(start if s_i == 0 else zero, pre)
-                    phi.add_incoming(nv, body_end)
-                    row_phis.append(phi)
-                merged.append(row_phis)
-            total = merged[0]
-            for other in merged[1:]:
+            k_main = builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)),
+                                                   ir.Constant(i64, n_sets)))
+            sets = accumulate(k0_v, k_main, [[start] * n_vec] + [[zero] * n_vec] * (n_sets - 1))
+            total = sets[0]
+            for other in sets[1:]:
                 total = [builder.fadd(a, b) for a, b in zip(total, other)]
-            # Tail: the remaining < n_sets nonzeros.
-            tail_pre = builder.block
-            tloop = builder.append_basic_block("strip.tail")
-            done = builder.append_basic_block("strip.done")
-            builder.cbranch(builder.icmp_signed("<", k_main, k1_v), tloop, done)
-            builder.position_at_end(tloop)
-            kt = builder.phi(i64)
-            kt.add_incoming(k_main, tail_pre)
-            taccs = [builder.phi(vec) for _ in range(n_vec)]
-            for acc, tv in zip(taccs, total):
-                acc.add_incoming(tv, tail_pre)
-            tnew = fma_step(kt, taccs)
-            kt_next = builder.add(kt, ir.Constant(i64, 1))
-            tend = builder.block
-            kt.add_incoming(kt_next, tend)
-            for acc, nv in zip(taccs, tnew):
-                acc.add_incoming(nv, tend)
-            builder.cbranch(builder.icmp_signed("<", kt_next, k1_v), tloop, done)
-            builder.position_at_end(done)
-            results = []
-            for tv, nv in zip(total, tnew):
-                phi = builder.phi(vec)
-                phi.add_incoming(tv, tail_pre)
-                phi.add_incoming(nv, tend)
-                results.append(phi)
+            results = accumulate(k_main, k1_v, [total])[0]
             # Epilogue in registers: residual add, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch), mask.
             def when(flag, values, transform, name):
                 """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""

@@ -42,39 +42,28 @@ def _widths(dtype):
     return sorted({1, 2, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, top - 1, top})
 
 
+def _wide_widths(dtype):
+    """wide_strip: the 8-accumulator kernel past 7 vectors, one or two 4-vector strips below."""
+    lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
+    return sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes})
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("index_dtype", [np.uint16, np.uint32, np.uint64])
 @pytest.mark.parametrize("has_res,relu", [(False, False), (True, False), (False, True), (True, True)])
-def test_strip_matches_reference_at_every_width(dtype, index_dtype, has_res, relu, gen):
+@pytest.mark.parametrize("kernel,widths", [(_strip, _widths), (_wide, _wide_widths)], ids=["row_strip", "wide_strip"])
+def test_strip_matches_reference_at_every_width(dtype, index_dtype, has_res, relu, kernel, widths, gen):
     rng = np.random.default_rng(int(gen.initial_seed()))
-    x = rng.standard_normal(4000).astype(dtype)
+    x = rng.standard_normal(6000).astype(dtype)
     indices = rng.integers(0, 30, 23).astype(index_dtype)
     values = rng.standard_normal(23).astype(dtype)
     res = rng.standard_normal(400).astype(dtype)
-    for n_valid in _widths(dtype):
+    for n_valid in widths(dtype):
         out = np.full(400, 7.0, dtype=dtype)
-        _strip(x, 5, 100, indices, values, 3, 20, 0.25, out, 11, n_valid, res, 40, has_res, relu)
-        expected = _reference(x, 5, 100, indices, values, 3, 20, 0.25, n_valid, res, 40, has_res, relu)
-        np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
-        # the masked last vector writes nothing past n_valid, nothing before o
-        assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("has_res,relu", [(False, False), (True, True)])
-def test_wide_strip_matches_reference_at_every_width(dtype, has_res, relu, gen):
-    """Up to 8 vectors: the 8-accumulator kernel past 7 vectors, one or two 4-vector strips below."""
-    rng = np.random.default_rng(int(gen.initial_seed()))
-    lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
-    x = rng.standard_normal(6000).astype(dtype)
-    indices = rng.integers(0, 30, 23).astype(np.uint32)
-    values = rng.standard_normal(23).astype(dtype)
-    res = rng.standard_normal(400).astype(dtype)
-    for n_valid in sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes}):
-        out = np.full(400, 7.0, dtype=dtype)
-        _wide(x, 5, 150, indices, values, 3, 20, 0.25, out, 11, n_valid, res, 40, has_res, relu)
+        kernel(x, 5, 150, indices, values, 3, 20, 0.25, out, 11, n_valid, res, 40, has_res, relu)
         expected = _reference(x, 5, 150, indices, values, 3, 20, 0.25, n_valid, res, 40, has_res, relu)
         np.testing.assert_allclose(out[11:11 + n_valid], expected, rtol=1e-5, atol=1e-5)
+        # the masked last vector writes nothing past n_valid, nothing before o
         assert (out[:11] == 7.0).all() and (out[11 + n_valid:] == 7.0).all(), n_valid
 
 
