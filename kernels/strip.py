@@ -117,6 +117,16 @@ def _make_strip(n_vec: int):
                 return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
                         for v, acc in enumerate(accs)]
 
+            def merge(values_a, block_a, values_b, block_b):
+                """Per vector, a phi: values_a arriving from block_a, values_b from block_b."""
+                phis = []
+                for a, b in zip(values_a, values_b):
+                    phi = builder.phi(vec)
+                    phi.add_incoming(a, block_a)
+                    phi.add_incoming(b, block_b)
+                    phis.append(phi)
+                return phis
+
             def accumulate(k_from, k_to, inits):
                 """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
                 ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
@@ -140,16 +150,7 @@ def _make_strip(n_vec: int):
                         phi.add_incoming(value, end)
                 builder.cbranch(builder.icmp_signed("<", k_next, k_to), body, exit_)
                 builder.position_at_end(exit_)
-                after = []
-                for init, values in zip(inits, stepped):
-                    row = []
-                    for first, last in zip(init, values):
-                        phi = builder.phi(vec)
-                        phi.add_incoming(first, entry)
-                        phi.add_incoming(last, end)
-                        row.append(phi)
-                    after.append(row)
-                return after
+                return [merge(init, entry, values, end) for init, values in zip(inits, stepped)]
 
             # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
             # remaining < n_sets nonzeros one by one.
@@ -173,13 +174,7 @@ def _make_strip(n_vec: int):
                 after = builder.block
                 builder.branch(joined)
                 builder.position_at_end(joined)
-                merged = []
-                for value, new in zip(values, changed):
-                    phi = builder.phi(vec)
-                    phi.add_incoming(value, before)
-                    phi.add_incoming(new, after)
-                    merged.append(phi)
-                return merged
+                return merge(values, before, changed, after)
 
             def lane_vectors(ptr, start):
                 row = builder.gep(ptr, [start])
