@@ -54,17 +54,17 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
         src = (origin + oy * step_y + ox * step_x) * lanes
         dst = ((oy + 1) * wq_out + ox + 1) * lanes
         for b in range(n_blocks):
-            last = b == n_blocks - 1
+            first, last = b == 0, b == n_blocks - 1
+            # The first block starts from the bias and the residual, later ones from the partial sums in out;
+            # one call site either way (each inlines the whole strip kernel).
+            add = residual if first else out
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
                 row = co * out.shape[1] + dst
+                init = bias[co] if first else zero
                 for j in range(0, n_valid, width):
-                    if b == 0:  # bias and the residual come in with the first block
-                        wide_strip(x, src + j, 1, offsets, data, block_ptr[co, 0], block_ptr[co, 1], bias[co], out,
-                                  row + j, min(width, n_valid - j), residual, row + j, has_residual, relu and last,
-                                  data, 0, False)
-                    else:
-                        wide_strip(x, src + j, 1, offsets, data, block_ptr[co, b], block_ptr[co, b + 1], zero, out,
-                                  row + j, min(width, n_valid - j), out, row + j, True, relu and last, data, 0, False)
+                    wide_strip(x, src + j, 1, offsets, data, block_ptr[co, b], block_ptr[co, b + 1], init, out, row + j,
+                               min(width, n_valid - j), add, row + j, has_residual or not first, relu and last, data,
+                               0, False)
 
 
 def channel_block_ptr(indptr, columns, taps: int, chans_per_block: int, n_chan: int) -> np.ndarray:
