@@ -565,7 +565,8 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     table = table[live]
     n_live = table.shape[0]
     # Rows of fewer pixels than a vector are packed tight: padded to whole cache lines, a 1x1 or 2x2 map's
-    # columns spread over 16x or 4x the memory, and the gather spent its time on write misses.
+    # columns spread over 16x or 4x the memory (torchvision resnet18 98% bs 1 plan, alternating A/B:
+    # 0.34 ms padded, 0.30 ms tight; the gather alone timed the same either way).
     row_len = pixels if pixels < kernels.LANE_VECTOR else ops.packed_row_len(pixels)
     cols = b.alloc(c * n_live * row_len)
     b.emit(ex.IM2COL, c * n_live * pixels, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
