@@ -22,7 +22,7 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL = 16, 17, 18, 19, 20
-N_PARAMS = 24
+N_PARAMS = 25
 
 
 def _maxpool(x, kernel, stride, pad, out):
@@ -151,7 +151,9 @@ def run_plan(ops, arena, f32, u32, u16, x):
                 from_lanes_seq(src, n_img, height, width, 1, p[6], dst)
         elif code == LANE_CONV:
             # p: x, C_in, plane_in, out, C_out, plane_out, residual (-1: none), relu, origin, step_y, step_x,
-            #    OH, OW, lanes, cells_per_strip, co_block, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias
+            #    OH, OW, lanes, cells_per_strip, co_block, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias,
+            #    first output cell, output rows with border (0: leave the border, another region op zeroes it),
+            #    output cells per row with border
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
@@ -159,13 +161,15 @@ def run_plan(ops, arena, f32, u32, u16, x):
             block_ptr = u32[p[16]:p[16] + p[4] * (p[17] + 1)].reshape((p[4], p[17] + 1))
             offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
             if par:
-                zero_border_par(out, p[11] + 2, p[12] + 2, 1, p[13])
+                if p[23]:
+                    zero_border_par(out, p[23], p[24], 1, p[13])
                 lane_conv_par(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[12] + 2, p[11], p[12], p[13], p[14], p[15])
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
             else:
-                zero_border_seq(out, p[11] + 2, p[12] + 2, 1, p[13])
+                if p[23]:
+                    zero_border_seq(out, p[23], p[24], 1, p[13])
                 lane_conv_seq(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[12] + 2, p[11], p[12], p[13], p[14], p[15])
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
         elif code == LANE_MAXPOOL:
             # p: in, out, C, H, W, OH, OW, kernel, stride, pad, lanes, plane_in, plane_out (border 1 in and out)
             src = arena[p[0]:p[0] + p[2] * p[11]].reshape((p[2], p[11]))

@@ -26,8 +26,10 @@ def lane_count(n_img: int) -> int:
 
 
 def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,
-               out_h, out_w, lanes, cells_per_strip, co_block):
-    """out[co, cell(oy, ox)] = relu?(bias[co] + sum_k data[k] * x.flat[src(oy, ox) + offsets[k]] + residual[co, cell]).
+               out_origin, out_h, out_w, lanes, cells_per_strip, co_block):
+    """out[co, cell(oy, ox)] = relu?(bias[co] + sum_k data[k] * x.flat[src(oy, ox) + offsets[k]] + residual[co, cell])
+    for the out_h x out_w block of output cells whose first cell is out_origin (cell(oy, ox) = out_origin + oy *
+    wq_out + ox): a whole map's interior, or one region of it (plan.lane_regions).
 
     In: x, a lanes activation as one flat array; offsets[k] = c * plane_in + (dy * wq_in + dx) * L for
     nonzero k at input channel c, tap (dy, dx); src(oy, ox) = (origin + oy * step_y + ox * step_x) * L,
@@ -36,8 +38,7 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
     block_ptr[co, b] to block_ptr[co, b + 1]); the blocks run outermost so one block's input window
     (channels x taps x cells) stays in L1 while every output channel of the item reads it; each block
     after the first adds to the partial sums in `out`.
-    Out: out[C_out, plane_out] (and residual alike), interior cells (oy + 1) * wq_out + ox + 1 written;
-    borders are `zero_border`'s job. Work items: one output row segment of cells_per_strip cells (at
+    Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s job. Work items: one output row segment of cells_per_strip cells (at
     stride 1 neighbouring cells read neighbouring inputs, so up to 128 lanes share one 8-vector strip;
     1.1-1.25x on ResNet convs at batch 64) for co_block output channels."""
     n_out = out.shape[0]
@@ -52,7 +53,7 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
         oy = item // blocks // segments
         n_valid = min(cells_per_strip, out_w - ox) * lanes
         src = (origin + oy * step_y + ox * step_x) * lanes
-        dst = ((oy + 1) * wq_out + ox + 1) * lanes
+        dst = (out_origin + oy * wq_out + ox) * lanes
         for b in range(n_blocks):
             first, last = b == 0, b == n_blocks - 1
             # The first block starts from the bias and the residual, later ones from the partial sums in out;

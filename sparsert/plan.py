@@ -136,7 +136,7 @@ class _Builder:
         self.converted: dict[tuple, tuple] = {}        # (offset, layout) -> that buffer converted to layout
         self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
         self.lanes = False                             # 4-D activations batch-in-lanes (kernels.lanes)
-        self.relu_flag: dict = {}                      # node -> (row, param) of the ReLU flag of the op writing it
+        self.relu_flag: dict = {}                      # node -> [(row, param)]: the ReLU flags of the ops writing it
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -256,10 +256,10 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
         elif node.op == "call_module":
             first_row = len(b.rows)
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
-            for row in range(first_row, len(b.rows)):  # the op that wrote this node's output, if it has a ReLU flag
+            for row in range(first_row, len(b.rows)):  # the ops that wrote this node's output, if they have a ReLU flag
                 code = b.rows[row][0]
                 if code in _RELU_PARAM and b.rows[row][2 + _OUTPUT_PARAM[code]] == buffers[node][0]:
-                    b.relu_flag[node] = (row, _RELU_PARAM[code])
+                    b.relu_flag.setdefault(node, []).append((row, _RELU_PARAM[code]))
         elif node.op in ("call_function", "call_method"):
             buffers[node] = _lower_function(b, node, buffers, meta)
         else:
@@ -424,8 +424,8 @@ def _relu(b, node, buf):
     (layers kept dense are not fused by fuse.py). Else elementwise on any layout: a zero border stays zero."""
     source = node.args[0]
     if source in b.relu_flag and len(source.users) == 1:
-        row, param = b.relu_flag.pop(source)
-        b.rows[row][2 + param] = 1
+        for row, param in b.relu_flag.pop(source):
+            b.rows[row][2 + param] = 1
         return buf
     off = _alloc_like(b, buf)
     b.emit(ex.RELU, 0, buf[0], off, _size(buf))
@@ -669,6 +669,9 @@ LANE_MIN_BATCH = 16
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
 LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
+LANE_REGION_GAIN = 1.3     # split a lane conv into regions of equal live taps when that saves this much work
+LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
+LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 
 
 def lane_geometry(n: int, h: int, w: int, border: int = 1) -> tuple[int, int, int, int]:
@@ -704,35 +707,76 @@ def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> in
     return min(n_chan, window)
 
 
+def _axis_runs(n_out: int, n_in: int, k: int, stride: int, dilation: int, pad: int) -> list:
+    """[(first output, count, bool[k] taps inside the input)]: runs of outputs along one axis whose taps read
+    the same in-range set (a 3x3 'same' conv: first, middle and last outputs)."""
+    pos = np.arange(n_out)[:, None] * stride - pad + np.arange(k)[None, :] * dilation
+    inside = (pos >= 0) & (pos < n_in)
+    runs = []
+    for o in range(n_out):
+        if runs and (runs[-1][2] == inside[o]).all():
+            runs[-1][1] += 1
+        else:
+            runs.append([o, 1, inside[o]])
+    return runs
+
+
+def lane_regions(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads) -> list:
+    """[(oy0, rows, ox0, cols, live bool[kh * kw])]: the output map cut into rectangles whose every pixel reads
+    the input (not padding) through the same taps."""
+    rows = _axis_runs(out_h, h, kernel_size[0], stride[0], dilation[0], pads[0])
+    cols = _axis_runs(out_w, w, kernel_size[1], stride[1], dilation[1], pads[2])
+    return [(y0, ny, x0, nx, (live_y[:, None] & live_x[None, :]).reshape(-1))
+            for y0, ny, live_y in rows for x0, nx, live_x in cols]
+
+
 def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads):
-    """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes)."""
+    """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes).
+
+    On small maps most taps of the edge pixels read the zero border: a 3x3 conv on a 2x2 map computes 9 taps
+    per pixel where 4 read the input. Where cutting the map into regions of equal live taps
+    (`lane_regions`) saves LANE_REGION_GAIN of the work, each region runs as its own op with only its live
+    taps' nonzeros; otherwise one op covers the map, without the taps no pixel reads (`live_taps`).
+    A/B at batch 64, 10% density: 3x3 convs on 2x2 maps 1.4-1.5x faster split, from 4x4 to 2x2 at stride 2
+    1.2x, on 4x4 maps 1.04-1.1x, on 8x8 maps even (edge regions one cell wide run half-width strips)."""
     c, n, h, w = src[2]
     out_channels = len(indptr) - 1
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
     border = max(1, *pads)
     x = _lanes(b, src, border)
     lanes, _, wq_in, plane_in = lane_geometry(n, h, w, border)
-    _, _, _, plane_out = lane_geometry(n, out_h, out_w)
-    live = live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
-    indptr, indices, values = drop_dead_taps(indptr, indices, values, kernel_size[0] * kernel_size[1], live,
-                                             compact=False)
-    offsets = kernels.lane_offsets(indices, kernel_size, dilation, plane_in, wq_in, lanes)
-    if offsets.dtype != np.uint32:
-        raise Unsupported("lanes activation past 2**32 elements")
+    _, hq_out, wq_out, plane_out = lane_geometry(n, out_h, out_w)
+    (kh, kw), (sh, sw) = kernel_size, stride
+    taps = kh * kw
+    indptr, indices = np.asarray(indptr).astype(np.int64), np.asarray(indices).astype(np.int64)
+    tap_nnz = np.bincount(indices % taps, minlength=taps)
+    regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
+    split_work = sum(ny * nx * tap_nnz[live].sum() for _, ny, _, nx, live in regions)
+    whole_work = out_h * out_w * tap_nnz[live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads)].sum()
+    if split_work * LANE_REGION_GAIN > whole_work or len(regions) > LANE_MAX_REGIONS:
+        regions = [(0, out_h, 0, out_w, live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))]
     if res is not None:
         res = _lanes(b, res)
     out = b.alloc(out_channels * plane_out)
-    (kh, kw), (sh, sw) = kernel_size, stride
-    taps = kh * kw
-    density = len(indices) / max(1, out_channels * c * taps)
-    block = lane_channel_block(c, taps, lanes, density)
-    block_ptr = kernels.channel_block_ptr(indptr, indices, taps, block, c)
-    cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
-    origin = (border - pads[0]) * wq_in + border - pads[2]
-    b.emit(ex.LANE_CONV, len(indices) * lanes * out_h * out_w, x[0], c, plane_in, out, out_channels, plane_out,
-           -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, out_h, out_w, lanes, cells_per_strip,
-           LANE_CO_BLOCK, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets), len(indices),
-           b.weights_f32(values), b.weights_f32(bias))
+    for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
+        r_indptr, r_indices, r_values = drop_dead_taps(indptr, indices, values, taps, live, compact=False)
+        offsets = kernels.lane_offsets(r_indices, kernel_size, dilation, plane_in, wq_in, lanes)
+        if offsets.dtype != np.uint32:
+            raise Unsupported("lanes activation past 2**32 elements")
+        # The block rule as measured (over all taps; counting live taps only ran 1x1 maps ~10% slower).
+        block = lane_channel_block(c, taps, lanes, len(r_indices) / max(1, out_channels * c * taps))
+        block_ptr = kernels.channel_block_ptr(r_indptr, r_indices, taps, block, c)
+        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
+        segments = -(-cols // cells_per_strip)
+        co_block = LANE_CO_BLOCK
+        while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
+            co_block //= 2  # a small region still gives every thread work
+        origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
+        b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
+               -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
+               co_block, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets), len(r_indices),
+               b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1, hq_out if i == 0 else 0,
+               wq_out)
     return (out, "lanes", (out_channels, n, out_h, out_w))
 
 

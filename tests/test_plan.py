@@ -485,8 +485,9 @@ def test_grid_conv_as_the_last_layer_returns_dense_nchw():
 
 # ------------------------------------------------------------------------- batch-in-lanes activations
 def _lane_convs(plan):
+    """Convs run on lanes. A conv split into regions is several LANE_CONV ops; its first zeroes the border."""
     from sparsert.kernels import executor as ex
-    return plan.ops[:, 0].tolist().count(ex.LANE_CONV)
+    return sum(1 for row in plan.ops if row[0] == ex.LANE_CONV and row[2 + 23] != 0)
 
 
 def _run_on_nan_arena(sparse, x):
@@ -515,11 +516,17 @@ class _ConvResidual(nn.Module):
         return torch.relu(self.conv(x) + self.skip(x))
 
 
+@pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
 @pytest.mark.parametrize("batch", [16, 20])
-def test_lane_conv_matches_dense(config, batch):
+def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     """Every conv geometry through the lanes kernel, with fused bias, residual and ReLU; batch 20 leaves
-    12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border."""
+    12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border. "always": every conv whose
+    map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many."""
+    from sparsert import plan as plan_module
+    if regions == "always":
+        monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
+        monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
     torch.manual_seed(0)
     model = _ConvResidual(**CONV_CONFIGS[config]).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
@@ -562,8 +569,13 @@ def _lane_net(density=0.3):
     return model
 
 
+@pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("batch", [16, 33])
-def test_lane_network_matches_dense_over_a_nan_arena(batch):
+def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch):
+    from sparsert import plan as plan_module
+    if regions == "always":  # every conv cut into regions: ReLUs folded into all of a conv's region ops
+        monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
+        monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
     model = _lane_net()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
     x = torch.randn(batch, 3, 30, 26)
@@ -577,6 +589,41 @@ def test_small_batches_stay_pixel_major():
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
     assert _lane_convs(sparse.plan_for(torch.randn(LANE_MIN_BATCH - 1, 3, 30, 26))) == 0
     assert _lane_convs(sparse.plan_for(torch.randn(LANE_MIN_BATCH, 3, 30, 26))) == 6
+
+
+def test_lane_regions_cover_the_map_once_with_their_live_taps():
+    from sparsert.plan import lane_regions
+    regions = lane_regions(4, 4, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    covered = np.zeros((4, 4), int)
+    for y0, rows, x0, cols, live in regions:
+        covered[y0:y0 + rows, x0:x0 + cols] += 1
+        corner_y, corner_x = y0 in (0, 3), x0 in (0, 3)
+        assert live.sum() == (2 if corner_y else 3) * (2 if corner_x else 3)
+    assert (covered == 1).all() and len(regions) == 9
+    # stride 2 from 4x4 to 2x2: the first output row and column read one padding tap, the second none
+    regions = lane_regions(4, 4, 2, 2, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    assert [int(live.sum()) for *_, live in regions] == [4, 6, 6, 9]
+
+
+def test_small_map_conv_splits_into_regions_without_padding_taps():
+    """A 3x3 conv on a 2x2 map reads the input through 4 taps per pixel: it runs as 4 one-cell region ops,
+    each holding only the nonzeros of its live taps, and still matches torch (residual and ReLU fused)."""
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = _ConvResidual(kernel_size=3, padding=1).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 8, 2, 2)
+    plan = sparse.plan_for(x)
+    rows = [row[2:] for row in plan.ops if row[0] == ex.LANE_CONV]
+    assert len(rows) == 8 and _lane_convs(plan) == 2  # two convs, 4 regions each
+    assert {(int(r[11]), int(r[12])) for r in rows} == {(1, 1)}  # one cell each
+
+    def live_nnz(conv):  # output (y, x) of a 2x2 map reads taps 1-y..2-y, 1-x..2-x
+        w = conv.weight.detach()
+        return sorted(int((w[:, :, 1 - y:3 - y, 1 - x:3 - x] != 0).sum()) for y in (0, 1) for x in (0, 1))
+    stored = sorted([sorted(int(r[19]) for r in rows[:4]), sorted(int(r[19]) for r in rows[4:])])
+    assert stored == sorted([live_nnz(model.conv), live_nnz(model.skip)])
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_lane_conv_sums_channel_blocks_before_the_relu(monkeypatch):
@@ -633,14 +680,16 @@ class _DenseThenRelu(nn.Module):
         return z + y if self.reuse else z
 
 
+@pytest.mark.parametrize("size", [12, 2])
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("reuse", [False, True])
-def test_relu_folds_into_a_dense_layer_only_when_it_is_the_sole_reader(batch, reuse):
+def test_relu_folds_into_a_dense_layer_only_when_it_is_the_sole_reader(batch, reuse, size):
+    """On 2x2 maps at batch 16 the dense conv runs as 4 region ops: the ReLU folds into all of them."""
     from sparsert.kernels import executor as ex
     torch.manual_seed(0)
     model = _DenseThenRelu(reuse).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
-    x = torch.randn(batch, 3, 12, 12)
+    x = torch.randn(batch, 3, size, size)
     plan = sparse.plan_for(x)
     assert (ex.RELU in plan.ops[:, 0].tolist()) == reuse
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
