@@ -38,9 +38,10 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
     block_ptr[co, b] to block_ptr[co, b + 1]); the blocks run outermost so one block's input window
     (channels x taps x cells) stays in L1 while every output channel of the item reads it; each block
     after the first adds to the partial sums in `out`.
-    Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s job. Work items: one output row segment of cells_per_strip cells (at
-    stride 1 neighbouring cells read neighbouring inputs, so up to 128 lanes share one 8-vector strip;
-    1.1-1.25x on ResNet convs at batch 64) for co_block output channels."""
+    Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s
+    job. Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
+    neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
+    64) for co_block output channels."""
     n_out = out.shape[0]
     n_blocks = block_ptr.shape[1] - 1
     width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize  # `wide_strip`: up to 8 vectors

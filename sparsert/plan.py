@@ -256,10 +256,15 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
         elif node.op == "call_module":
             first_row = len(b.rows)
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
-            for row in range(first_row, len(b.rows)):  # the ops that wrote this node's output, if they have a ReLU flag
+            # The ops that wrote this node's output, if they have a ReLU flag: the last such op and those right
+            # before it (a lanes conv's regions); an earlier op that wrote a temporary at that offset is not one.
+            for row in range(len(b.rows) - 1, first_row - 1, -1):
                 code = b.rows[row][0]
-                if code in _RELU_PARAM and b.rows[row][2 + _OUTPUT_PARAM[code]] == buffers[node][0]:
-                    b.relu_flag.setdefault(node, []).append((row, _RELU_PARAM[code]))
+                if not (code in _RELU_PARAM and b.rows[row][2 + _OUTPUT_PARAM[code]] == buffers[node][0]):
+                    if node in b.relu_flag:
+                        break
+                    continue
+                b.relu_flag.setdefault(node, []).append((row, _RELU_PARAM[code]))
         elif node.op in ("call_function", "call_method"):
             buffers[node] = _lower_function(b, node, buffers, meta)
         else:
