@@ -528,14 +528,17 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
                               m.kernel_size, m.stride, m.dilation, pads)
 
 
+def _taps_inside(n_out: int, n_in: int, k: int, stride: int, dilation: int, pad: int) -> np.ndarray:
+    """bool[n_out, k]: along one axis, whether output o's tap t reads the input (not padding)."""
+    pos = np.arange(n_out)[:, None] * stride - pad + np.arange(k)[None, :] * dilation
+    return (pos >= 0) & (pos < n_in)
+
+
 def live_taps(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads) -> np.ndarray:
     """bool[kh * kw]: whether tap (i, j) reads the input for at least one output pixel. A dead tap reads
     only padding (a 3x3 'same' conv on a 1x1 map has one live tap of nine), so its weights multiply zeros."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    rows = np.arange(out_h)[:, None] * sh - pads[0] + np.arange(kh)[None, :] * dh
-    cols = np.arange(out_w)[:, None] * sw - pads[2] + np.arange(kw)[None, :] * dw
-    live_y = ((rows >= 0) & (rows < h)).any(axis=0)
-    live_x = ((cols >= 0) & (cols < w)).any(axis=0)
+    live_y = _taps_inside(out_h, h, kernel_size[0], stride[0], dilation[0], pads[0]).any(axis=0)
+    live_x = _taps_inside(out_w, w, kernel_size[1], stride[1], dilation[1], pads[2]).any(axis=0)
     return (live_y[:, None] & live_x[None, :]).reshape(-1)
 
 
@@ -715,8 +718,7 @@ def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> in
 def _axis_runs(n_out: int, n_in: int, k: int, stride: int, dilation: int, pad: int) -> list:
     """[(first output, count, bool[k] taps inside the input)]: runs of outputs along one axis whose taps read
     the same in-range set (a 3x3 'same' conv: first, middle and last outputs)."""
-    pos = np.arange(n_out)[:, None] * stride - pad + np.arange(k)[None, :] * dilation
-    inside = (pos >= 0) & (pos < n_in)
+    inside = _taps_inside(n_out, n_in, k, stride, dilation, pad)
     runs = []
     for o in range(n_out):
         if runs and (runs[-1][2] == inside[o]).all():
@@ -755,14 +757,15 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     taps = kh * kw
     indptr, indices = np.asarray(indptr).astype(np.int64), np.asarray(indices).astype(np.int64)
     tap_nnz = np.bincount(indices % taps, minlength=taps)
+    whole = (0, out_h, 0, out_w, live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
     regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
     split_work = sum(ny * nx * tap_nnz[live].sum() for _, ny, _, nx, live in regions)
-    whole_work = out_h * out_w * tap_nnz[live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads)].sum()
-    if split_work * LANE_REGION_GAIN > whole_work or len(regions) > LANE_MAX_REGIONS:
-        regions = [(0, out_h, 0, out_w, live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))]
+    if split_work * LANE_REGION_GAIN > out_h * out_w * tap_nnz[whole[4]].sum() or len(regions) > LANE_MAX_REGIONS:
+        regions = [whole]
     if res is not None:
         res = _lanes(b, res)
     out = b.alloc(out_channels * plane_out)
+    cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
     for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
         r_indptr, r_indices, r_values = drop_dead_taps(indptr, indices, values, taps, live, compact=False)
         offsets = kernels.lane_offsets(r_indices, kernel_size, dilation, plane_in, wq_in, lanes)
@@ -771,7 +774,6 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         # The block rule as measured (over all taps; counting live taps only ran 1x1 maps ~10% slower).
         block = lane_channel_block(c, taps, lanes, len(r_indices) / max(1, out_channels * c * taps))
         block_ptr = kernels.channel_block_ptr(r_indptr, r_indices, taps, block, c)
-        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
         segments = -(-cols // cells_per_strip)
         co_block = LANE_CO_BLOCK
         while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
