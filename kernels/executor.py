@@ -16,6 +16,7 @@ from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_con
                    sparse_conv_par, sparse_conv_seq)
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_par, lane_conv_seq,
                     lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
+from .layout import rows_to_features_par, rows_to_features_seq
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
@@ -61,18 +62,6 @@ def _global_avgpool(x, out):
             out[c, n] = acc / n_pix
 
 
-@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
-def _transpose(src, dst):
-    """dst[j, i] = src[i, j] in 16x16 tiles: a plain double loop strode through src by whole rows
-    and missed cache on every read once a row outgrew L1 (4096 features x 64: 3x slower)."""
-    rows, cols = src.shape
-    for i0 in range(0, rows, 16):
-        for j0 in range(0, cols, 16):
-            for j in range(j0, min(j0 + 16, cols)):
-                for i in range(i0, min(i0 + 16, rows)):
-                    dst[j, i] = src[i, j]
-
-
 maxpool_par, maxpool_seq = twin(_maxpool)
 global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
 
@@ -97,8 +86,12 @@ def run_plan(ops, arena, f32, u32, u16, x):
                         d[q] = s[q]
         elif code == ROWS_TO_FEATURES:  # p: out, B, F  (x[B, F] -> out[F, B])
             n_batch, n_feat = p[1], p[2]
-            _transpose(x[:n_batch * n_feat].reshape((n_batch, n_feat)),
-                       arena[p[0]:p[0] + n_batch * n_feat].reshape((n_feat, n_batch)))
+            src = x[:n_batch * n_feat].reshape((n_batch, n_feat))
+            dst = arena[p[0]:p[0] + n_batch * n_feat].reshape((n_feat, n_batch))
+            if par:
+                rows_to_features_par(src, dst)
+            else:
+                rows_to_features_seq(src, dst)
         elif code == PACK:
             # p: in, out, C, N, H, W, pad_t, pad_l, sh, sw, hq, wq, row_len, from_grid, grid_row_len
             n_chan, n_img, height, width = p[2], p[3], p[4], p[5]

@@ -91,9 +91,9 @@ def linear_numba(x2d, layer):
         kernel(indptr, indices, values, x.detach().numpy(), bias, layer.relu, out.numpy())
         CALLS["numba.csr_matvec"] += 1
         return out.unsqueeze(0)
-    xt = x2d.t().contiguous()  # free when x2d is itself a transposed view of a previous output
-    out = torch.empty(layer.out_features, n_batch, dtype=x2d.dtype)
     par = _parallel(values.size * n_batch)
+    xt = _features_major(x2d, par)
+    out = torch.empty(layer.out_features, n_batch, dtype=x2d.dtype)
     if layer.format == "csr":
         kernels.csr_spmm_dispatch(indptr, indices, values, xt.detach().numpy(), bias, out.numpy(), False,
                                   layer.relu, out.numpy(), par)
@@ -102,6 +102,19 @@ def linear_numba(x2d, layer):
         kernel(indptr, indices, values, xt.detach().numpy(), bias, layer.relu, out.numpy())
     CALLS[f"numba.{layer.format}_spmm"] += 1
     return out.t()
+
+
+def _features_major(x2d: torch.Tensor, parallel: bool) -> torch.Tensor:
+    """x2d[B, F] as a contiguous [F, B] tensor: free when x2d is itself a transposed view of a previous
+    sparse output; float32 rows through the register-tile transpose (4096 x 64: 0.3 ms in torch's
+    `.t().contiguous()`, 0.03 ms here)."""
+    if x2d.t().is_contiguous() or x2d.dtype != torch.float32:
+        return x2d.t().contiguous()
+    src = x2d.detach().contiguous()
+    xt = torch.empty(src.shape[1], src.shape[0], dtype=src.dtype)
+    transpose = kernels.rows_to_features_par if parallel else kernels.rows_to_features_seq
+    transpose(src.numpy(), xt.numpy())
+    return xt
 
 
 def sparse_mm(weight: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

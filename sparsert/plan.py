@@ -246,7 +246,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
             else:
                 bs, f = shape
                 off = b.alloc(bs * f)
-                b.emit(ex.ROWS_TO_FEATURES, 0, off, bs, f)
+                b.emit(ex.ROWS_TO_FEATURES, bs * f, off, bs, f)
                 buffers[node] = (off, "features", (f, bs))
         elif node.op == "output":
             result = node.args[0]

@@ -53,6 +53,29 @@ def _dense_linear(w, x, b, relu):
     return np.maximum(y, 0) if relu else y
 
 
+# ------------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4096), (16, 16), (17, 33), (64, 4096), (5, 1000), (100, 48)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_rows_to_features(variant, shape, gen):
+    """Full 16x16 register tiles and scalar edges on both sides: every element lands exactly once."""
+    x = torch.randn(shape, generator=gen).numpy()
+    out = np.full(shape[::-1], np.nan, np.float32)
+    _kernel("rows_to_features", variant)(x, out)
+    np.testing.assert_array_equal(out, x.T)
+
+
+def test_transposed_input_reaches_the_kernel_unchanged(gen):
+    """A batch-64 float32 Linear input goes through the register transpose, a feature-major view does not."""
+    layer = SparseLinear(CSR.from_dense(sparse_matrix((40, 70), 0.3, gen)), torch.randn(40, generator=gen),
+                         backend="numba")
+    x = torch.randn(64, 70, generator=gen)
+    expected = x @ layer.dense_weight_2d().T + layer.bias
+    assert_close(layer(x), expected)
+    assert_close(layer(x.t().contiguous().t()), expected)
+    assert_close(layer(x.double().float()[:, :70]), expected)
+
+
 # ------------------------------------------------------------------------------------ linear kernels
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d:g}")
@@ -286,7 +309,9 @@ def test_linear_numba_dispatch(force_parallel, fmt, batch, gen, spy_all):
         assert_close(layer(x), torch.relu(expected) if relu else expected)
     assert ops.CALLS[f"numba.{name}"] == before + 2
     _conv_spy_names(spy_all, force_parallel)
-    assert all(n.startswith(name) for n in spy_all), spy_all
+    # Batches of more than one row reach the kernel through the [B, F] -> [F, B] register transpose.
+    assert all(n.startswith(name) or n.startswith("rows_to_features") for n in spy_all), spy_all
+    assert (f"rows_to_features_{force_parallel}" in spy_all) == (batch > 1), spy_all
 
 
 def test_conv2d_numba_fused_relu_keeps_nan(force_parallel, conv_algorithm, gen):
