@@ -17,7 +17,7 @@ from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_con
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_par, lane_conv_seq,
                     lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
 from .layout import rows_to_features_par, rows_to_features_seq
-from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_dispatch
+from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_blocked_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
@@ -220,7 +220,8 @@ def run_plan(ops, arena, f32, u32, u16, x):
                 csr_spmm_dispatch(indptr, u32[p[8]:p[8] + p[9]], values, cols, bias, res, has_res, p[6] != 0, out, par)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc,
-            #    indices_u16 (1: indices live in u16)
+            #    indices_u16 (1: indices live in u16), column blocks (0: plain CSR; else indptr is
+            #    `formats.column_blocks`' ptr)
             n_batch = p[4]
             xt = arena[p[0]:p[0] + p[2] * n_batch].reshape((p[2], n_batch))
             out = arena[p[1]:p[1] + p[3] * n_batch].reshape((p[3], n_batch))
@@ -232,6 +233,16 @@ def run_plan(ops, arena, f32, u32, u16, x):
                     bsr_spmm_par(indptr, u32[p[8]:p[8] + p[9]], blocks, xt, bias, relu, out)
                 else:
                     bsr_spmm_seq(indptr, u32[p[8]:p[8] + p[9]], blocks, xt, bias, relu, out)
+            elif p[16] and p[15]:
+                if par:
+                    csr_spmm_blocked_par(indptr, u16[p[8]:p[8] + p[9]], values, p[16], xt, bias, relu, out)
+                else:
+                    csr_spmm_blocked_seq(indptr, u16[p[8]:p[8] + p[9]], values, p[16], xt, bias, relu, out)
+            elif p[16]:
+                if par:
+                    csr_spmm_blocked_par(indptr, u32[p[8]:p[8] + p[9]], values, p[16], xt, bias, relu, out)
+                else:
+                    csr_spmm_blocked_seq(indptr, u32[p[8]:p[8] + p[9]], values, p[16], xt, bias, relu, out)
             elif p[15]:
                 csr_spmm_dispatch(indptr, u16[p[8]:p[8] + p[9]], values, xt, bias, out, False, relu, out, par)
             else:

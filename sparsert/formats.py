@@ -175,6 +175,22 @@ def _check_compressed(indptr, indices, n_rows, n_cols, n_stored, fmt, full):
         raise ValueError(f"{fmt} column indices must be sorted and unique within each row")
 
 
+def column_blocks(indptr, indices, data, n_rows: int, width: int):
+    """A CSR's nonzeros regrouped by column block: block q (columns [q * width, (q + 1) * width)) holds a
+    CSR over all rows, and the blocks follow each other. Returns (ptr, indices, data, n_blocks) with
+    ptr[n_blocks * n_rows + 1]; row i of block q spans ptr[q * n_rows + i] to ptr[q * n_rows + i + 1].
+    Indices stay absolute columns; order within a row is kept. For `kernels.csr_spmm_blocked_*`."""
+    indices = np.asarray(indices)
+    n_cols_used = int(indices.max()) + 1 if indices.size else 0
+    n_blocks = max(1, -(-n_cols_used // width))
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))
+    segment = indices.astype(np.int64) // width * n_rows + rows
+    order = np.argsort(segment, kind="stable")
+    ptr = np.zeros(n_blocks * n_rows + 1, np.int64)
+    np.cumsum(np.bincount(segment, minlength=n_blocks * n_rows), out=ptr[1:])
+    return ptr, indices[order], np.asarray(data)[order], n_blocks
+
+
 def block_density(dense, block: int) -> float:
     """Fraction of values a BSR with square `block` would store (1.0 when the block does not tile)."""
     dense = _as_numpy_2d(dense)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .formats import BSR, CSR, choose_format
+from .formats import BSR, CSR, choose_format, column_blocks
 from .kernels import im2col_table, tap_offsets
 
 
@@ -109,6 +109,21 @@ class _SparseBase(nn.Module):
             arrays = tuple(ops.unsigned_view(t) for t in index_tensors)
             self._numba_cache = (key, arrays + (self.values.detach().numpy(), self.bias_or_zeros.detach().numpy()))
         return self._numba_cache[1]
+
+    def column_blocked_arrays(self, width: int) -> tuple:
+        """(ptr, indices, values, n_blocks): the CSR regrouped into `width`-column blocks
+        (`formats.column_blocks`); a reordered copy, so the key holds the buffers' in-place versions too."""
+        arrays = self.numba_arrays()
+        indptr, indices, values = arrays[0], arrays[1], arrays[-2]
+        buffers = self._buffers
+        key = (indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, width,
+               *(buffers[name]._version for name in ("indptr", "indices", "values")))
+        cached = self.__dict__.get("_blocked_cache")
+        if cached is None or cached[0] != key:
+            ptr, idx, vals, n_blocks = column_blocks(indptr, indices, values, self.sparse_shape[0], width)
+            ptr = ptr.astype(np.uint32 if ptr[-1] < 2**32 else np.uint64)
+            cached = self.__dict__["_blocked_cache"] = (key, (ptr, idx, vals, n_blocks))
+        return cached[1]
 
     def dense_weight_2d(self) -> torch.Tensor:
         """Dense reconstruction of the stored (rows, cols) matrix; O(dense size), for compatibility only."""

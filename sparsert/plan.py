@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import kernels, ops
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
-from .formats import CSR
+from .formats import CSR, column_blocks
 from .modules import SparseConv2d, SparseLinear, block_diagonal, explicit_pads
 
 
@@ -505,10 +505,13 @@ def _lower_linear(b, m, buf, sparse: bool):
         fmt = _dense_as_csr(m, n_batch)
         values, indptr, indices, (br, bc), relu, code = fmt.data, fmt.indptr, fmt.indices, (1, 1), False, ex.LINEAR_CSR
         bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)
+    n_blocks = 0
+    if code == ex.LINEAR_CSR and ops.use_column_blocks(values.size, m.out_features, in_f, n_batch):
+        indptr, indices, values, n_blocks = column_blocks(indptr, indices, values, m.out_features, ops.BLOCKED_WIDTH)
     idx_off, idx_u16 = b.indices(indices) if code == ex.LINEAR_CSR else (b.weights_u32(indices), 0)
     b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),
            b.weights_u32(indptr), indptr.size, idx_off, indices.size,
-           b.weights_f32(values), values.size, b.weights_f32(bias), br, bc, idx_u16)
+           b.weights_f32(values), values.size, b.weights_f32(bias), br, bc, idx_u16, n_blocks)
     return (off, "features", (m.out_features, n_batch))
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsert.formats import BSR, CSR, block_density, choose_format, index_dtype
+from sparsert.formats import BSR, CSR, block_density, choose_format, column_blocks, index_dtype
 
 from conftest import DENSITIES, sparse_matrix
 
@@ -225,3 +225,23 @@ def test_block_density(block, expected):
     dense = np.zeros((8, 8), np.float32)
     dense[0, 0] = dense[1, 1] = 1.0  # all nonzeros in the top-left 2x2 block
     assert block_density(dense, block) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------ column blocks
+@pytest.mark.parametrize("width", [1, 16, 100, 1000])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (64, 300), (5, 0)], ids=_ids)
+def test_column_blocks_hold_every_nonzero_once_in_its_block(shape, width, gen):
+    w = sparse_matrix(shape, 0.3, gen).numpy()
+    w[1::3] = 0  # empty rows
+    csr = CSR.from_dense(w)
+    ptr, indices, data, n_blocks = column_blocks(csr.indptr, csr.indices, csr.data, shape[0], width)
+    assert ptr.shape == (n_blocks * shape[0] + 1,) and ptr[0] == 0 and ptr[-1] == csr.nnz
+    rebuilt = np.zeros_like(w)
+    for q in range(n_blocks):
+        for i in range(shape[0]):
+            cols = indices[ptr[q * shape[0] + i]:ptr[q * shape[0] + i + 1]].astype(np.int64)
+            assert np.all((cols >= q * width) & (cols < (q + 1) * width)) and np.all(np.diff(cols) > 0)
+            assert np.all(rebuilt[i, cols] == 0)
+            rebuilt[i, cols] = data[ptr[q * shape[0] + i]:ptr[q * shape[0] + i + 1]]
+    np.testing.assert_array_equal(rebuilt, w)
+    assert indices.dtype == csr.indices.dtype and data.dtype == csr.data.dtype

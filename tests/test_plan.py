@@ -722,3 +722,23 @@ def test_taps_that_read_only_padding_are_dropped(batch):
     stored = sum(row[2 + nnz_param[row[0]]] for row in plan.ops if row[0] in nnz_param)
     assert stored == center_nnz
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_plan_runs_column_blocked_linear_with_fused_relu(monkeypatch):
+    """A batch-64 Linear + ReLU with enough nonzeros per column block runs blocked inside the plan
+    (its op carries the block count); NaN arena, against dense."""
+    monkeypatch.setattr(ops, "BLOCKED_WIDTH", 100)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
+    prune.l1_unstructured(model[0], "weight", 0.8)  # 20 nonzeros per row and 100-column block
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(64, 256)
+    plan = sparse.plan_for(x)
+    from sparsert.kernels import executor as ex
+    from sparsert.plan import aligned_empty
+    linear_ops = plan.ops[plan.ops[:, 0] == ex.LINEAR_CSR]
+    assert linear_ops[0, 2 + 16] == 3 and linear_ops[0, 2 + 5] == 1  # 256 columns in 3 blocks, ReLU fused
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
