@@ -43,9 +43,10 @@ def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out
                   min(width, n_batch - j0), residual, row_start, has_residual, relu, data, 0, False)
 
 
-# Rows per work item of the column-blocked SpMM: each item reloads every column slab once, so 256 rows
-# amortise that while a 4096-row layer still splits into 16 items for the threads.
+# Rows per work item of the column-blocked SpMM: each item reloads every column slab once, so up to 256
+# rows amortise that; fewer when the layer would otherwise give the threads fewer than 8 items.
 BLOCKED_ROW_CHUNK = 256
+BLOCKED_MIN_ITEMS = 8
 
 
 def _csr_spmm_blocked(ptr, indices, data, n_blocks, xt, bias, relu, out):
@@ -60,16 +61,17 @@ def _csr_spmm_blocked(ptr, indices, data, n_blocks, xt, bias, relu, out):
     n_row, n_batch = out.shape
     width = STRIP_VECTORS * VECTOR_BYTES // xt.itemsize
     n_strips = (n_batch + width - 1) // width
-    n_chunks = (n_row + BLOCKED_ROW_CHUNK - 1) // BLOCKED_ROW_CHUNK
+    chunk = min(BLOCKED_ROW_CHUNK, max(16, -(-n_row * n_strips // BLOCKED_MIN_ITEMS)))
+    n_chunks = (n_row + chunk - 1) // chunk
     zero = np.zeros(1, bias.dtype)[0]  # of bias's type: float32 kernels stay float32
     for item in prange(n_strips * n_chunks):
         j0 = (item // n_chunks) * width
         n_valid = min(width, n_batch - j0)
-        first = (item % n_chunks) * BLOCKED_ROW_CHUNK
+        first = (item % n_chunks) * chunk
         for q in range(n_blocks):
             partial = q > 0  # blocks after the first add onto the sum so far in out
             last_relu = relu and q == n_blocks - 1
-            for i in range(first, min(n_row, first + BLOCKED_ROW_CHUNK)):
+            for i in range(first, min(n_row, first + chunk)):
                 s = q * n_row + i
                 o = i * n_batch + j0
                 init = zero if partial else bias[i]
