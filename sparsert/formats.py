@@ -191,6 +191,45 @@ def column_blocks(indptr, indices, data, n_rows: int, width: int):
     return ptr, indices[order], np.asarray(data)[order], n_blocks
 
 
+def sliced_ell(indptr, indices, data, n_rows: int):
+    """A CSR as sliced ELLPACK with 1-byte column steps, for `kernels.sliced_matvec_*`, or None when
+    some row steps more than 255 columns between two nonzeros (then 1 byte cannot hold it).
+
+    Rows are sorted by length (longest first) into slices of 16 lanes; entry s of lane l of slice q sits
+    at slice_ptr[q] + 16 s + l, padded with zero values up to the slice's longest row. Returns
+    (slice_ptr int64[n_slices + 1], steps uint8, values, first_col int32[16 n_slices],
+    lengths int32[16 n_slices], rows int32[16 n_slices]): a lane's first nonzero is at column
+    first_col (its step is 0), each later one `steps` further on; rows[l] is the lane's row."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    columns = np.asarray(indices, dtype=np.int64)
+    lengths = np.diff(indptr)
+    row_of = np.repeat(np.arange(n_rows), lengths)
+    steps = np.diff(columns, prepend=0)
+    starts = indptr[:-1][lengths > 0]
+    steps[starts] = 0
+    if steps.size and steps.max() > 255:
+        return None
+    order = np.argsort(-lengths, kind="stable")
+    n_slices = -(-n_rows // 16)
+    lane_of_row = np.empty(n_rows, np.int64)
+    lane_of_row[order] = np.arange(n_rows)
+    lane_lengths = np.zeros(n_slices * 16, np.int32)
+    lane_lengths[:n_rows] = lengths[order]
+    rows = np.zeros(n_slices * 16, np.int32)
+    rows[:n_rows] = order
+    first_col = np.zeros(n_slices * 16, np.int32)
+    first_col[lane_of_row[lengths > 0]] = columns[starts]
+    slice_ptr = np.zeros(n_slices + 1, np.int64)
+    np.cumsum(lane_lengths.reshape(n_slices, 16).max(axis=1).astype(np.int64) * 16, out=slice_ptr[1:])
+    lane = lane_of_row[row_of]
+    position = slice_ptr[lane // 16] + (np.arange(columns.size) - indptr[row_of]) * 16 + lane % 16
+    stored_steps = np.zeros(slice_ptr[-1], np.uint8)
+    stored_steps[position] = steps
+    stored_values = np.zeros(slice_ptr[-1], np.asarray(data).dtype)
+    stored_values[position] = data
+    return slice_ptr, stored_steps, stored_values, first_col, lane_lengths, rows
+
+
 def block_density(dense, block: int) -> float:
     """Fraction of values a BSR with square `block` would store (1.0 when the block does not tile)."""
     dense = _as_numpy_2d(dense)

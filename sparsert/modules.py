@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .formats import BSR, CSR, choose_format, column_blocks
+from .formats import BSR, CSR, choose_format, column_blocks, sliced_ell
 from .kernels import im2col_table, tap_offsets
 
 
@@ -112,18 +112,34 @@ class _SparseBase(nn.Module):
 
     def column_blocked_arrays(self, width: int) -> tuple:
         """(ptr, indices, values, n_blocks): the CSR regrouped into `width`-column blocks
-        (`formats.column_blocks`); a reordered copy, so the key holds the buffers' in-place versions too."""
+        (`formats.column_blocks`), ptr as uint32 (uint64 past 2^32 nonzeros); cached."""
+        def build(indptr, indices, values):
+            ptr, idx, vals, n_blocks = column_blocks(indptr, indices, values, self.sparse_shape[0], width)
+            return ptr.astype(np.uint32 if ptr[-1] < 2**32 else np.uint64), idx, vals, n_blocks
+        return self._derived_arrays(("column_blocks", width), build)
+
+    def sliced_arrays(self):
+        """The CSR as `formats.sliced_ell` arrays (slice_ptr as uint32) for the batch-1 matvec, or None
+        where a row steps more than 255 columns or the weights are not float32; cached."""
+        def build(indptr, indices, values):
+            sliced = sliced_ell(indptr, indices, values, self.sparse_shape[0]) if values.dtype == np.float32 else None
+            if sliced is None or sliced[0][-1] >= 2**32:
+                return None
+            return (sliced[0].astype(np.uint32),) + sliced[1:]
+        return self._derived_arrays(("sliced",), build)
+
+    def _derived_arrays(self, name: tuple, build):
+        """build(indptr, indices, values) on the kernel arrays, cached per name. The result is a reordered
+        copy, so the key holds the buffers' in-place versions as well as their addresses."""
         arrays = self.numba_arrays()
         indptr, indices, values = arrays[0], arrays[1], arrays[-2]
         buffers = self._buffers
-        key = (indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, width,
-               *(buffers[name]._version for name in ("indptr", "indices", "values")))
-        cached = self.__dict__.get("_blocked_cache")
-        if cached is None or cached[0] != key:
-            ptr, idx, vals, n_blocks = column_blocks(indptr, indices, values, self.sparse_shape[0], width)
-            ptr = ptr.astype(np.uint32 if ptr[-1] < 2**32 else np.uint64)
-            cached = self.__dict__["_blocked_cache"] = (key, (ptr, idx, vals, n_blocks))
-        return cached[1]
+        key = (indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
+               *(buffers[b]._version for b in ("indptr", "indices", "values")))
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, build(indptr, indices, values))
+        return cache[name][1]
 
     def dense_weight_2d(self) -> torch.Tensor:
         """Dense reconstruction of the stored (rows, cols) matrix; O(dense size), for compatibility only."""

@@ -101,9 +101,17 @@ def linear_numba(x2d, layer):
         # NumPy allocates and views here: each torch call on this path cost ~1 us, against a 2%-dense
         # Linear(4096, 4096)'s ~50 us product.
         out = np.empty((1, layer.out_features), values.dtype)
-        kernel = kernels.csr_matvec_par if _parallel(values.shape[0]) else kernels.csr_matvec_seq
-        kernel(indptr, indices, values, x2d.detach().contiguous().numpy()[0], bias, layer.relu, out[0])
-        CALLS["numba.csr_matvec"] += 1
+        x = x2d.detach().contiguous().numpy()[0]
+        par = _parallel(values.shape[0])
+        sliced = layer.sliced_arrays()
+        if sliced is not None:  # 1-byte column steps: 5 bytes a nonzero to stream, not 6
+            kernel = kernels.sliced_matvec_par if par else kernels.sliced_matvec_seq
+            kernel(*sliced, bias, x, layer.relu, np.empty(sliced[3].shape[0], np.float32), out[0])
+            CALLS["numba.sliced_matvec"] += 1
+        else:
+            kernel = kernels.csr_matvec_par if par else kernels.csr_matvec_seq
+            kernel(indptr, indices, values, x, bias, layer.relu, out[0])
+            CALLS["numba.csr_matvec"] += 1
         return torch.from_numpy(out)
     par = _parallel(values.size * n_batch)
     xt = _features_major(x2d, par)

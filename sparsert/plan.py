@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import kernels, ops
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
-from .formats import CSR, column_blocks
+from .formats import CSR, column_blocks, sliced_ell
 from .modules import SparseConv2d, SparseLinear, block_diagonal, explicit_pads
 
 
@@ -48,6 +48,7 @@ class Plan:
     f32: np.ndarray       # float32 weights and biases
     u32: np.ndarray       # uint32 index arrays
     u16: np.ndarray       # uint16 index arrays (those whose values fit)
+    u8: np.ndarray        # uint8 column steps of the batch-1 sliced matvec
     arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness)
     output: tuple         # (offset, layout, shape): where the result lies in the arena
     input_shape: tuple
@@ -70,7 +71,7 @@ class Plan:
         return self._run(aligned_empty(self.arena_size), x_flat)
 
     def _run(self, arena, x_flat) -> torch.Tensor:
-        ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, x_flat)
+        ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
         ops.CALLS["numba.plan"] += 1
         offset, layout, shape = self.output
         out = torch.from_numpy(arena[offset:offset + int(np.prod(shape))].copy()).reshape(shape)
@@ -127,6 +128,8 @@ class _Builder:
         self.n_u32 = 0
         self.u16: list[np.ndarray] = []
         self.n_u16 = 0
+        self.u8: list[np.ndarray] = []
+        self.n_u8 = 0
         self.arena = 0
         self.free_blocks: list[tuple[int, int]] = []  # (offset, size), reusable arena ranges
         self.sizes: dict[int, int] = {}
@@ -193,6 +196,13 @@ class _Builder:
         self.n_f32 += a.size
         return offset
 
+    def weights_u8(self, a) -> int:
+        a = np.ascontiguousarray(a, dtype=np.uint8).reshape(-1)
+        offset = self.n_u8
+        self.u8.append(a)
+        self.n_u8 += a.size
+        return offset
+
     def indices(self, a) -> tuple[int, int]:
         """Store an index array in u16 when its values fit, else u32: (offset, 1 if u16 else 0)."""
         a = np.ascontiguousarray(a).reshape(-1)
@@ -218,8 +228,8 @@ class _Builder:
 
 
 # Ops with a fused ReLU flag: where it and the output offset sit in their parameters (kernels.executor).
-_RELU_PARAM = {ex.LANE_CONV: 7, ex.CONV_GEMM: 6, ex.LINEAR_CSR: 5, ex.CONV: 9, ex.GRID_CONV: 6}
-_OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.CONV: 3, ex.GRID_CONV: 3}
+_RELU_PARAM = {ex.LANE_CONV: 7, ex.CONV_GEMM: 6, ex.LINEAR_CSR: 5, ex.LINEAR_SLICED: 4, ex.CONV: 9, ex.GRID_CONV: 6}
+_OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.LINEAR_SLICED: 1, ex.CONV: 3, ex.GRID_CONV: 3}
 
 
 def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
@@ -283,6 +293,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
                 f32=np.concatenate(b.f32) if b.f32 else np.zeros(1, np.float32),
                 u32=np.concatenate(b.u32) if b.u32 else np.zeros(1, np.uint32),
                 u16=np.concatenate(b.u16) if b.u16 else np.zeros(1, np.uint16),
+                u8=np.concatenate(b.u8) if b.u8 else np.zeros(1, np.uint8),
                 arena_size=b.arena + 16, output=output, input_shape=tuple(input_shape))
 
 
@@ -508,6 +519,16 @@ def _lower_linear(b, m, buf, sparse: bool):
     n_blocks = 0
     if code == ex.LINEAR_CSR and ops.use_column_blocks(values.size, m.out_features, in_f, n_batch):
         indptr, indices, values, n_blocks = column_blocks(indptr, indices, values, m.out_features, ops.BLOCKED_WIDTH)
+    sliced = sliced_ell(indptr, indices, values, m.out_features) if code == ex.LINEAR_CSR and n_batch == 1 else None
+    if sliced is not None and sliced[0][-1] < 2**31:
+        # Batch 1: the sliced matvec (1-byte column steps, kernels/sliced.py); `sums` is its scratch.
+        slice_ptr, steps, stored, first_col, lengths, rows = sliced
+        sums = b.alloc(lengths.size)
+        b.temps.append(sums)
+        b.emit(ex.LINEAR_SLICED, stored.size, off_in, off, in_f, m.out_features, int(relu), b.weights_u32(slice_ptr),
+               slice_ptr.size, b.weights_u8(steps), b.weights_f32(stored), stored.size, b.weights_u32(first_col),
+               b.weights_u32(lengths), b.weights_u32(rows), lengths.size, b.weights_f32(bias), sums)
+        return (off, "features", (m.out_features, n_batch))
     idx_off, idx_u16 = b.indices(indices) if code == ex.LINEAR_CSR else (b.weights_u32(indices), 0)
     b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),
            b.weights_u32(indptr), indptr.size, idx_off, indices.size,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsert.formats import BSR, CSR, block_density, choose_format, column_blocks, index_dtype
+from sparsert.formats import BSR, CSR, block_density, choose_format, column_blocks, index_dtype, sliced_ell
 
 from conftest import DENSITIES, sparse_matrix
 
@@ -245,3 +245,31 @@ def test_column_blocks_hold_every_nonzero_once_in_its_block(shape, width, gen):
             rebuilt[i, cols] = data[ptr[q * shape[0] + i]:ptr[q * shape[0] + i + 1]]
     np.testing.assert_array_equal(rebuilt, w)
     assert indices.dtype == csr.indices.dtype and data.dtype == csr.data.dtype
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (40, 255), (33, 0)], ids=_ids)
+def test_sliced_ell_rebuilds_the_matrix(shape, gen):
+    w = sparse_matrix(shape, 0.3, gen).numpy()
+    w[1::4] = 0
+    csr = CSR.from_dense(w)
+    slice_ptr, steps, values, first_col, lengths, rows = sliced_ell(csr.indptr, csr.indices, csr.data, shape[0])
+    n_slices = slice_ptr.size - 1
+    assert n_slices == -(-shape[0] // 16) and lengths.size == rows.size == first_col.size == 16 * n_slices
+    assert sorted(rows[:shape[0]].tolist()) == list(range(shape[0])) and np.all(lengths[shape[0]:] == 0)
+    rebuilt = np.zeros_like(w)
+    for lane in range(shape[0]):
+        q, slot = divmod(lane, 16)
+        at = slice_ptr[q] + 16 * np.arange(lengths[lane]) + slot
+        cols = first_col[lane] + np.cumsum(steps[at].astype(np.int64))
+        rebuilt[rows[lane], cols] = values[at]
+    np.testing.assert_array_equal(rebuilt, w)
+
+
+def test_sliced_ell_refuses_steps_past_one_byte():
+    w = np.zeros((3, 600), np.float32)
+    w[1, [0, 255]] = 1  # a step of 255 fits
+    csr = CSR.from_dense(w)
+    assert sliced_ell(csr.indptr, csr.indices, csr.data, 3) is not None
+    w[2, [10, 266]] = 1  # 256 does not
+    csr = CSR.from_dense(w)
+    assert sliced_ell(csr.indptr, csr.indices, csr.data, 3) is None

@@ -92,6 +92,69 @@ def test_linear_takes_column_blocks_where_they_pay_and_sees_weight_updates(gen, 
     assert ops.CALLS["numba.csr_spmm_blocked"] == before + 2
 
 
+# ------------------------------------------------------------------------------------ sliced matvec
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (40, 600), (300, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_sliced_matvec(variant, shape, relu, gen):
+    """Rows of unequal length share slices (masked lanes), empty rows get the bias, a partial last
+    slice writes only real rows; out starts as NaN."""
+    from sparsert.formats import sliced_ell
+    w = sparse_matrix(shape, 0.3, gen)
+    w[::5] = 0
+    if shape[0] > 2:
+        w[2] = torch.randn(shape[1], generator=gen)  # one full row: the slice's other lanes pad
+    csr = CSR.from_dense(w)
+    sliced = sliced_ell(csr.indptr, csr.indices, csr.data, shape[0])
+    x = torch.randn(shape[1], generator=gen).numpy()
+    b = torch.randn(shape[0], generator=gen).numpy()
+    out = np.full(shape[0], np.nan, np.float32)
+    _kernel("sliced_matvec", variant)(sliced[0].astype(np.uint32), *sliced[1:], b, x, relu,
+                                      np.empty(sliced[3].shape[0], np.float32), out)
+    assert_close(torch.from_numpy(out), torch.from_numpy(_dense_linear(w.numpy(), x[None], b, relu)[0]))
+
+
+def test_sliced_matvec_propagates_nan_only_through_stored_weights(gen):
+    """A NaN input feature reaches exactly the rows that store a weight for it, as in dense torch;
+    padded lanes never read it."""
+    from sparsert.formats import sliced_ell
+    w = torch.zeros(20, 40)
+    w[3, 7] = 2.0
+    w[5, 7:40] = 1.0
+    w[11, 0] = 1.0
+    csr = CSR.from_dense(w)
+    sliced = sliced_ell(csr.indptr, csr.indices, csr.data, 20)
+    x = torch.randn(40, generator=gen)
+    x[7] = float("nan")
+    out = np.empty(20, np.float32)
+    kernels.sliced_matvec_seq(sliced[0].astype(np.uint32), *sliced[1:], np.zeros(20, np.float32), x.numpy(), False,
+                              np.empty(sliced[3].shape[0], np.float32), out)
+    assert np.isnan(out).nonzero()[0].tolist() == [3, 5]
+    assert out[11] == x[0].item()
+
+
+def test_linear_batch1_takes_the_sliced_matvec_where_steps_fit(gen):
+    """float32 rows stepping <= 255 columns: the sliced matvec (counted), in-place weight updates seen;
+    a 300-column step or float64 weights: the CSR matvec."""
+    w = sparse_matrix((24, 400), 0.3, gen)
+    layer = SparseLinear(CSR.from_dense(w), torch.randn(24, generator=gen), backend="numba")
+    x = torch.randn(1, 400, generator=gen)
+    before = dict(ops.CALLS)
+    assert_close(layer(x), x @ w.T + layer.bias)
+    with torch.no_grad():
+        layer.values.mul_(-1)
+    assert_close(layer(x), -(x @ w.T) + layer.bias)
+    assert ops.CALLS["numba.sliced_matvec"] == before.get("numba.sliced_matvec", 0) + 2
+    w[7] = 0
+    w[7, 0] = w[7, 300] = 1.0  # one step of 300 columns
+    for layer in (SparseLinear(CSR.from_dense(w), backend="numba"),
+                  SparseLinear(CSR.from_dense(w.double()), backend="numba")):
+        assert layer.sliced_arrays() is None
+        xx = x.to(layer.values.dtype)
+        assert_close(layer(xx), xx @ w.to(xx.dtype).T)
+    assert ops.CALLS["numba.csr_matvec"] == before.get("numba.csr_matvec", 0) + 2
+
+
 # ------------------------------------------------------------------------------------ layout
 @pytest.mark.parametrize("shape", [(1, 1), (1, 4096), (16, 16), (17, 33), (64, 4096), (5, 1000), (100, 48)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
@@ -340,7 +403,7 @@ def test_linear_numba_dispatch(force_parallel, fmt, batch, gen, spy_all):
     b = torch.randn(32, generator=gen)
     layer = SparseLinear(CSR.from_dense(w) if fmt == "csr" else BSR.from_dense(w, (8, 8)), b, backend="numba")
     x = torch.randn(batch, 48, generator=gen)
-    name = "csr_matvec" if (batch == 1 and fmt == "csr") else f"{fmt}_spmm"
+    name = "sliced_matvec" if (batch == 1 and fmt == "csr") else f"{fmt}_spmm"
     before = ops.CALLS[f"numba.{name}"]
     for relu in (False, True):
         layer.relu = relu
@@ -432,7 +495,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
     print("STATS" + json.dumps(dict(stats=stats, kernels_dir=os.path.dirname(kernels.__file__))))
 """)
 # csr_spmm_dispatch carries csr_spmm_seq compiled into its own cache entry
-EXPECTED_CACHED = {"csr_matvec_seq", "csr_spmm_dispatch", "pack_input_seq", "sparse_conv_seq"}
+EXPECTED_CACHED = {"sliced_matvec_seq", "csr_spmm_dispatch", "pack_input_seq", "sparse_conv_seq"}
 
 
 def _run_cache_script(tmp_path, env_extra, launch_threads=True):

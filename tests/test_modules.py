@@ -22,7 +22,8 @@ _F_LINEAR, _F_CONV2D = F.linear, F.conv2d
 def _linear_kernel(backend, fmt, batch):
     if backend == "torch":
         return f"torch.linear.{fmt}"
-    return "numba.csr_matvec" if (fmt == "csr" and batch == 1) else f"numba.{fmt}_spmm"
+    # Batch-1 float32 CSR rows that step at most 255 columns (all of these) take the sliced matvec.
+    return "numba.sliced_matvec" if (fmt == "csr" and batch == 1) else f"numba.{fmt}_spmm"
 
 
 ENGINES = ["numba-direct", "numba-im2col", "torch"]
