@@ -131,14 +131,12 @@ class _SparseBase(nn.Module):
     def _derived_arrays(self, name: tuple, build):
         """build(indptr, indices, values) on the kernel arrays, cached per name. The result is a reordered
         copy, so the key holds the buffers' in-place versions as well as their addresses."""
-        arrays = self.numba_arrays()
-        indptr, indices, values = arrays[0], arrays[1], arrays[-2]
         buffers = self._buffers
-        key = (indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
-               *(buffers[b]._version for b in ("indptr", "indices", "values")))
+        key = tuple((t.data_ptr(), t._version) for t in (buffers["indptr"], buffers["indices"], buffers["values"]))
         cache = self.__dict__.setdefault("_derived_cache", {})
         if name not in cache or cache[name][0] != key:
-            cache[name] = (key, build(indptr, indices, values))
+            arrays = self.numba_arrays()
+            cache[name] = (key, build(arrays[0], arrays[1], arrays[-2]))
         return cache[name][1]
 
     def dense_weight_2d(self) -> torch.Tensor:
