@@ -191,36 +191,29 @@ class _Builder:
             del self.refs[offset]
             self.free(offset)
 
-    def weights_f32(self, a) -> int:
-        a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-        offset = self.n_f32
-        self.f32.append(a)
-        self.n_f32 += a.size
+    def _store(self, pool: str, a, dtype) -> int:
+        """Append `a` (flattened, as dtype) to one of the weight pools; returns its offset there."""
+        a = np.ascontiguousarray(a).astype(dtype, copy=False).reshape(-1)
+        offset = getattr(self, "n_" + pool)
+        getattr(self, pool).append(a)
+        setattr(self, "n_" + pool, offset + a.size)
         return offset
 
+    def weights_f32(self, a) -> int:
+        return self._store("f32", a, np.float32)
+
+    def weights_u32(self, a) -> int:
+        return self._store("u32", a, np.uint32)
+
     def weights_u8(self, a) -> int:
-        a = np.ascontiguousarray(a, dtype=np.uint8).reshape(-1)
-        offset = self.n_u8
-        self.u8.append(a)
-        self.n_u8 += a.size
-        return offset
+        return self._store("u8", a, np.uint8)
 
     def indices(self, a) -> tuple[int, int]:
         """Store an index array in u16 when its values fit, else u32: (offset, 1 if u16 else 0)."""
-        a = np.ascontiguousarray(a).reshape(-1)
+        a = np.asarray(a)
         if a.size and int(a.max()) >= 1 << 16:
             return self.weights_u32(a), 0
-        offset = self.n_u16
-        self.u16.append(a.astype(np.uint16))
-        self.n_u16 += a.size
-        return offset, 1
-
-    def weights_u32(self, a) -> int:
-        a = np.ascontiguousarray(a).astype(np.uint32).reshape(-1)
-        offset = self.n_u32
-        self.u32.append(a)
-        self.n_u32 += a.size
-        return offset
+        return self._store("u16", a, np.uint16), 1
 
     def emit(self, code: int, work: int, *params: int):
         if len(params) > ex.N_PARAMS:
