@@ -141,5 +141,5 @@ def csr_spmm_dispatch(indptr, indices, data, xt, bias, residual, has_residual, r
         csr_spmm_seq(indptr, indices, data, xt, bias, residual, has_residual, relu, out)
 
 
-__all__ = ["BLOCKED_ROW_CHUNK", "csr_matvec_par", "csr_matvec_seq", "csr_spmm_blocked_par", "csr_spmm_blocked_seq", "csr_spmm_dispatch", "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par",
+__all__ = ["csr_matvec_par", "csr_matvec_seq", "csr_spmm_blocked_par", "csr_spmm_blocked_seq", "csr_spmm_dispatch", "csr_spmm_par", "csr_spmm_seq", "bsr_spmm_par",
            "bsr_spmm_seq"]

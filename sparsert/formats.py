@@ -193,11 +193,12 @@ def column_blocks(indptr, indices, data, n_rows: int, width: int):
 
 def sliced_ell(indptr, indices, data, n_rows: int):
     """A CSR as sliced ELLPACK with 1-byte column steps, for `kernels.sliced_matvec_*`, or None when
-    some row steps more than 255 columns between two nonzeros (then 1 byte cannot hold it).
+    some row steps more than 255 columns between two nonzeros (then 1 byte cannot hold it) or the
+    stored entries would pass 2^32 (slice_ptr is uint32).
 
     Rows are sorted by length (longest first) into slices of 16 lanes; entry s of lane l of slice q sits
     at slice_ptr[q] + 16 s + l, padded with zero values up to the slice's longest row. Returns
-    (slice_ptr int64[n_slices + 1], steps uint8, values, first_col int32[16 n_slices],
+    (slice_ptr uint32[n_slices + 1], steps uint8, values, first_col int32[16 n_slices],
     lengths int32[16 n_slices], rows int32[16 n_slices]): a lane's first nonzero is at column
     first_col (its step is 0), each later one `steps` further on; rows[l] is the lane's row."""
     indptr = np.asarray(indptr, dtype=np.int64)
@@ -221,13 +222,15 @@ def sliced_ell(indptr, indices, data, n_rows: int):
     first_col[lane_of_row[lengths > 0]] = columns[starts]
     slice_ptr = np.zeros(n_slices + 1, np.int64)
     np.cumsum(lane_lengths.reshape(n_slices, 16).max(axis=1).astype(np.int64) * 16, out=slice_ptr[1:])
+    if slice_ptr[-1] >= 2**32:
+        return None
     lane = lane_of_row[row_of]
     position = slice_ptr[lane // 16] + (np.arange(columns.size) - indptr[row_of]) * 16 + lane % 16
     stored_steps = np.zeros(slice_ptr[-1], np.uint8)
     stored_steps[position] = steps
     stored_values = np.zeros(slice_ptr[-1], np.asarray(data).dtype)
     stored_values[position] = data
-    return slice_ptr, stored_steps, stored_values, first_col, lane_lengths, rows
+    return slice_ptr.astype(np.uint32), stored_steps, stored_values, first_col, lane_lengths, rows
 
 
 def block_density(dense, block: int) -> float:

@@ -119,13 +119,10 @@ class _SparseBase(nn.Module):
         return self._derived_arrays(("column_blocks", width), build)
 
     def sliced_arrays(self):
-        """The CSR as `formats.sliced_ell` arrays (slice_ptr as uint32) for the batch-1 matvec, or None
-        where a row steps more than 255 columns or the weights are not float32; cached."""
+        """The CSR as `formats.sliced_ell` arrays for the batch-1 matvec, or None where those cannot hold
+        it or the weights are not float32; cached."""
         def build(indptr, indices, values):
-            sliced = sliced_ell(indptr, indices, values, self.sparse_shape[0]) if values.dtype == np.float32 else None
-            if sliced is None or sliced[0][-1] >= 2**32:
-                return None
-            return (sliced[0].astype(np.uint32),) + sliced[1:]
+            return sliced_ell(indptr, indices, values, self.sparse_shape[0]) if values.dtype == np.float32 else None
         return self._derived_arrays(("sliced",), build)
 
     def _derived_arrays(self, name: tuple, build):

@@ -25,22 +25,22 @@ CALLS: Counter = Counter()
 PARALLEL_MIN_WORK = 32_768
 # Column-blocked SpMM (`column_blocks`): at batch >= 64 (full 4-vector strips), when a row averages at
 # least 16 nonzeros per block; each block's slab of the input (64 KB: 256 columns x 64 floats) then
-# stays in L1. Linear(4096, 4096) at batch 64: 30% dense 1.3-1.4x, 10% 1.1-1.2x; at 2% a block row
-# holds ~5 nonzeros and the extra out load and store per block made it 1.6x slower.
+# stays in L1. Linear(4096, 4096) at batch 64: 30% dense 1.3x, 10% 1.03-1.2x (module / prototype); at
+# 2% a block row holds ~5 nonzeros and the extra out load and store per block made it 1.6x slower.
 BLOCKED_MIN_BATCH = 64
 BLOCKED_WIDTH = 256
 BLOCKED_MIN_SEGMENT = 16
+# Output-grid floats one conv work item accumulates: CONV_TILE_MAX (8 KB, in L1) unless the tile's
+# slice of all packed input channels (~CONV_TILE_L2 floats) would overflow L2. Per-op timings of
+# CIFAR ResNet18 at batch 64: 2048 beat 512 by 1.5x (per-tile zeroing and epilogue amortised).
+CONV_TILE_MAX = 2048
+CONV_TILE_L2 = 256 * 1024
 
 
 def use_column_blocks(nnz: int, n_rows: int, n_cols: int, n_batch: int) -> bool:
     """Whether a CSR SpMM of this shape runs column-blocked (see BLOCKED_*)."""
     n_blocks = -(-n_cols // BLOCKED_WIDTH)
     return n_batch >= BLOCKED_MIN_BATCH and n_blocks > 1 and nnz >= BLOCKED_MIN_SEGMENT * n_rows * n_blocks
-# Output-grid floats one conv work item accumulates: CONV_TILE_MAX (8 KB, in L1) unless the tile's
-# slice of all packed input channels (~CONV_TILE_L2 floats) would overflow L2. Per-op timings of
-# CIFAR ResNet18 at batch 64: 2048 beat 512 by 1.5x (per-tile zeroing and epilogue amortised).
-CONV_TILE_MAX = 2048
-CONV_TILE_L2 = 256 * 1024
 
 
 def check_backend(backend: str) -> str:

@@ -515,7 +515,7 @@ def _lower_linear(b, m, buf, sparse: bool):
     if code == ex.LINEAR_CSR and ops.use_column_blocks(values.size, m.out_features, in_f, n_batch):
         indptr, indices, values, n_blocks = column_blocks(indptr, indices, values, m.out_features, ops.BLOCKED_WIDTH)
     sliced = sliced_ell(indptr, indices, values, m.out_features) if code == ex.LINEAR_CSR and n_batch == 1 else None
-    if sliced is not None and sliced[0][-1] < 2**31:
+    if sliced is not None:
         # Batch 1: the sliced matvec (1-byte column steps, kernels/sliced.py); `sums` is its scratch.
         slice_ptr, steps, stored, first_col, lengths, rows = sliced
         sums = b.alloc(lengths.size)
