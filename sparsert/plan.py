@@ -192,7 +192,14 @@ class _Builder:
             self.free(offset)
 
     def _store(self, pool: str, a, dtype) -> int:
-        """Append `a` (flattened, as dtype) to one of the weight pools; returns its offset there."""
+        """Append `a` (flattened, as dtype) to one of the weight pools; returns its offset there.
+        An integer pool refuses values its dtype cannot hold: the cast would wrap them silently (a CSR
+        indptr past 2^32 nonzeros in u32), and the kernels would read wrong weights."""
+        a = np.asarray(a)
+        if np.issubdtype(dtype, np.integer) and a.size:
+            low, high = int(a.min()), int(a.max())
+            if low < 0 or high > np.iinfo(dtype).max:
+                raise Unsupported(f"{pool} weight pool: values in [{low}, {high}] do not fit {np.dtype(dtype).name}")
         a = np.ascontiguousarray(a).astype(dtype, copy=False).reshape(-1)
         offset = getattr(self, "n_" + pool)
         getattr(self, pool).append(a)

@@ -286,6 +286,23 @@ def test_plan_stores_indices_in_uint16_when_they_fit():
     assert b.u32[-1].tolist() == [3, 65536]
 
 
+def test_plan_integer_pools_refuse_values_they_cannot_hold():
+    """A cast to uint32/uint16/uint8 would wrap silently; the builder raises Unsupported instead, so the
+    model runs eagerly (slower, never wrong)."""
+    from sparsert.plan import Unsupported, _Builder
+
+    b = _Builder()
+    assert b.weights_u32(np.array([0, 2**32 - 1], np.int64)) == 0
+    with pytest.raises(Unsupported, match=r"u32 weight pool: values in \[0, 4294967296\] do not fit uint32"):
+        b.weights_u32(np.array([0, 2**32], np.int64))
+    with pytest.raises(Unsupported, match="u32 weight pool: values in \\[-1, 3\\]"):
+        b.weights_u32(np.array([-1, 3], np.int64))
+    with pytest.raises(Unsupported, match="do not fit uint8"):
+        b.weights_u8(np.array([256], np.int64))
+    assert b.n_u32 == 2 and b.n_u8 == 0  # nothing half-stored
+    assert b.weights_f32(np.array([-1.5], np.float32)) == 0  # float pools take any value
+
+
 def test_plan_runs_a_linear_wider_than_uint16_indices():
     torch.manual_seed(0)
     model = _pruned(nn.Sequential(nn.Linear(70_000, 4)), 0.99)

@@ -1,0 +1,93 @@
+"""Ceiling of the strip micro-kernel on this machine: one thread, input in L1, aligned or not.
+
+    python bench/strip_ceiling.py
+
+Each nonzero broadcasts one weight against 4 or 8 vectors loaded from x, so a strip issues one vector
+load per FMA. This measures how fast that runs when nothing else limits it (no cache misses, no
+epilogue), for x on a cache line and x one float off it (every load then splits two lines), and for
+4 accumulators (one per vector) against 8 (the same 4 vectors over two sets, or 8 vectors). It prints
+GMAC/s per core; compare them with dense sgemm, the last line, which keeps its inputs in registers.
+"""
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit
+
+from sparsert.kernels.strip import strip4, strip4_split, strip8
+from sparsert.plan import aligned_empty
+
+NONZEROS = 2000   # one row's nonzeros, each a random whole-vector offset into x
+X_FLOATS = 2048   # 8 KB of input: L1-resident
+REPEATS = 1000
+
+
+# Not cached on disk: Numba keys a cache on this file alone, so a changed strip.py would be measured stale.
+@njit(boundscheck=False)
+def _run4(x, indices, values, out, repeats):
+    for _ in range(repeats):
+        strip4(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 64, out, 0, False, False, out, 0, False)
+
+
+@njit(boundscheck=False)
+def _run4_split(x, indices, values, out, repeats):
+    for _ in range(repeats):
+        strip4_split(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 64, out, 0, False, False, out, 0,
+                     False)
+
+
+@njit(boundscheck=False)
+def _run8(x, indices, values, out, repeats):
+    for _ in range(repeats):
+        strip8(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 128, out, 0, False, False, out, 0, False)
+
+
+def _best_seconds(fn, rounds: int = 15) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(repeats: int = REPEATS) -> list:
+    """Print the table; returns its rows (name, GMAC/s aligned, GMAC/s one float off)."""
+    threads = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        return _table(repeats)
+    finally:
+        numba.set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
+
+
+def _table(repeats: int) -> list:
+    rng = np.random.default_rng(0)
+    indices = (rng.integers(0, X_FLOATS - 256, NONZEROS) // 16 * 16).astype(np.uint32)
+    values = rng.random(NONZEROS, dtype=np.float32)
+    out = aligned_empty(256)
+    kernels = (("4 vectors, 4 accumulators", _run4, 64), ("4 vectors, 2 x 4 accumulators", _run4_split, 64),
+               ("8 vectors, 8 accumulators", _run8, 128))
+    rows = []
+    print(f"{'strip':32s} {'x on a line':>14s} {'x 4 B off':>14s}   (GMAC/s, one core)")
+    for name, kernel, width in kernels:
+        rates = []
+        for shift in (0, 1):
+            x = aligned_empty(X_FLOATS + 16)[shift:shift + X_FLOATS]
+            x[:] = rng.random(X_FLOATS, dtype=np.float32)
+            seconds = _best_seconds(lambda: kernel(x, indices, values, out, repeats))
+            rates.append(NONZEROS * width * repeats / seconds / 1e9)
+        print(f"{name:32s} {rates[0]:14.1f} {rates[1]:14.1f}")
+        rows.append((name, *rates))
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    seconds = _best_seconds(lambda: [a @ b for _ in range(20)], rounds=5)
+    print(f"{'dense sgemm 512^3 (torch)':32s} {512 ** 3 * 20 / seconds / 1e9:14.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
