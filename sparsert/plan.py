@@ -763,6 +763,16 @@ def lane_regions(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, di
             for y0, ny, live_y in rows for x0, nx, live_x in cols]
 
 
+def _may_overwrite(b: _Builder, res, x, size: int) -> bool:
+    """Whether a lanes conv may write its output over its residual buffer: this conv is the buffer's last
+    reader, the buffer is not the conv's input, no conversion of it is cached (that copy would go stale),
+    and the sizes match. Each strip then reads a cell's residual and writes the sum back to the same
+    cache lines, instead of pulling a second buffer's lines in to write them (bs 64, residual convs:
+    CIFAR ResNet18 global-98 40.0 -> 38.0 ms, torchvision resnet18 90% 2.38 -> 2.20 ms, A/B)."""
+    return (b.refs.get(res[0]) == 1 and res[0] != x[0] and _size(res) == size
+            and not any(key[0] == res[0] for key in b.converted))
+
+
 def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads):
     """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes).
 
@@ -788,9 +798,13 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     split_work = sum(ny * nx * tap_nnz[live].sum() for _, ny, _, nx, live in regions)
     if split_work * LANE_REGION_GAIN > out_h * out_w * tap_nnz[whole[4]].sum() or len(regions) > LANE_MAX_REGIONS:
         regions = [whole]
+    native_res = res is not None and res[1] == "lanes"
     if res is not None:
         res = _lanes(b, res)
-    out = b.alloc(out_channels * plane_out)
+    if native_res and _may_overwrite(b, res, x, out_channels * plane_out):
+        out = res[0]
+    else:
+        out = b.alloc(out_channels * plane_out)
     cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
     for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
         r_indptr, r_indices, r_values = drop_dead_taps(indptr, indices, values, taps, live, compact=False)

@@ -600,6 +600,48 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
+class _ResidualOfItsInput(nn.Module):
+    """relu(conv(x) + x), x read again afterwards or not: either way the conv must not write over x, which
+    its own strips still read."""
+
+    def __init__(self, read_again: bool):
+        super().__init__()
+        self.read_again = read_again
+        self.conv = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
+        self.stem = _masked(nn.Conv2d(8, 8, 1), 0.3, seed=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.conv(x) + x)
+        return y + x if self.read_again else y
+
+
+def _in_place_lane_convs(plan):
+    from sparsert.kernels import executor as ex
+    rows = plan.ops[plan.ops[:, 0] == ex.LANE_CONV, 2:]
+    return int(((rows[:, 6] >= 0) & (rows[:, 3] == rows[:, 6])).sum())
+
+
+def test_lane_conv_writes_over_a_residual_only_when_it_reads_it_last():
+    """In place: the residual block's second conv over the block input, its last reader. Not a conv whose
+    residual is its own input (read again later, or not)."""
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 3, 30, 26)
+    assert _in_place_lane_convs(sparse.plan_for(x)) == 1
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+    for read_again in (True, False):
+        torch.manual_seed(0)
+        model = _ResidualOfItsInput(read_again).eval()
+        sparse = sparsert.sparsify(model, min_sparsity=0.5)
+        assert "residual" in sparse.code
+        x = torch.randn(16, 8, 9, 7)
+        plan = sparse.plan_for(x)
+        assert _lane_convs(plan) == 2 and _in_place_lane_convs(plan) == 0
+        torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_small_batches_stay_pixel_major():
     from sparsert.plan import LANE_MIN_BATCH
     model = _lane_net()
