@@ -6,7 +6,9 @@ import types
 
 import numpy as np
 
+from llvmlite import ir
 from numba import njit
+from numba.core import cgutils
 
 # 'contract' lets LLVM fuse multiply-add; 'reassoc' lets it vectorise the batch-1 dot products.
 # No 'nnan'/'ninf': NaN and Inf in activations must propagate as they do in dense torch.
@@ -31,3 +33,9 @@ def relu_or_identity(v, relu):
     if not relu or not v < 0.0:
         return v
     return np.float32(0.0)  # unifies with v's own dtype: float32 kernels stay float32
+
+
+def declare_function(module, name, return_type, arg_types):
+    """The LLVM function `name` (an intrinsic such as llvm.fma.v16f32) in `module`, declared once: for the
+    kernels written in LLVM IR (strip.py, sliced.py)."""
+    return cgutils.get_or_insert_function(module, ir.FunctionType(return_type, arg_types), name)

@@ -13,17 +13,12 @@ sums to their rows.
 """
 from llvmlite import ir
 from numba import prange, types
-from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._jit import relu_or_identity, twin
+from ._jit import declare_function, relu_or_identity, twin
 
 SLICE = 16
-
-
-def _declare(module, name, return_type, arg_types):
-    return cgutils.get_or_insert_function(module, ir.FunctionType(return_type, arg_types), name)
 
 
 @intrinsic
@@ -49,9 +44,9 @@ def sliced_rows(typingctx, x, steps, values, first_col, lengths, k0, n_steps, la
             return context.make_array(signature.args[i])(context, builder, args[i]).data
 
         x_ptr, steps_ptr, values_ptr, first_ptr, lengths_ptr, sums_ptr = (data(i) for i in (0, 1, 2, 3, 4, 8))
-        gather = _declare(builder.module, "llvm.masked.gather.v16f32.v16p0", vec,
+        gather = declare_function(builder.module, "llvm.masked.gather.v16f32.v16p0", vec,
                           [ir.VectorType(x_ptr.type, SLICE), i32, mask_ty, vec])
-        fma = _declare(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
+        fma = declare_function(builder.module, "llvm.fma.v16f32", vec, [vec, vec, vec])
 
         def load(ptr, offset, ty):
             return builder.load(builder.bitcast(builder.gep(ptr, [offset]), ty.as_pointer()), align=1)

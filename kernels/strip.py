@@ -25,9 +25,10 @@ any kernel source changes, so the kernels that inline the strip recompile with i
 """
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
+
+from ._jit import declare_function
 
 VECTOR_BYTES = 64
 
@@ -45,10 +46,6 @@ def _check_types(x, indices, values, out, res, mask):
         raise TypingError(f"sparse_row_strip: indices must be unsigned, got {indices.dtype}")
     if not (x.dtype == values.dtype == out.dtype == res.dtype == mask.dtype) or not isinstance(x.dtype, types.Float):
         raise TypingError("sparse_row_strip: x, values, out, res and mask must share one float dtype")
-
-
-def _declare(module, name, return_type, arg_types):
-    return cgutils.get_or_insert_function(module, ir.FunctionType(return_type, arg_types), name)
 
 
 def _make_strip(n_vec: int, n_sets: int = 0):
@@ -75,9 +72,9 @@ def _make_strip(n_vec: int, n_sets: int = 0):
             mask_ty = ir.VectorType(ir.IntType(1), n_lanes)
             suffix = f"v{n_lanes}{'f32' if n_lanes == 16 else 'f64'}"
             mod = builder.module
-            fma = _declare(mod, f"llvm.fma.{suffix}", vec, [vec, vec, vec])
-            mload = _declare(mod, f"llvm.masked.load.{suffix}.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
-            mstore = _declare(mod, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
+            fma = declare_function(mod, f"llvm.fma.{suffix}", vec, [vec, vec, vec])
+            mload = declare_function(mod, f"llvm.masked.load.{suffix}.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
+            mstore = declare_function(mod, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
 
             def data(i):
                 return context.make_array(aty[i])(context, builder, args[i]).data
