@@ -24,9 +24,11 @@ CALLS: Counter = Counter()
 # Below this many multiply-adds a parallel launch costs more than it saves (measured, bench/RESULTS.md).
 PARALLEL_MIN_WORK = 32_768
 # Column-blocked SpMM (`column_blocks`): at batch >= 64 (full 4-vector strips), when a row averages at
-# least 16 nonzeros per block; each block's slab of the input (64 KB: 256 columns x 64 floats) then
-# stays in L1. Linear(4096, 4096) at batch 64: 30% dense 1.3x, 10% 1.03-1.2x (module / prototype); at
-# 2% a block row holds ~5 nonzeros and the extra out load and store per block made it 1.6x slower.
+# least 16 nonzeros per block. Each block's input slab is 64 KB (256 columns x 64 floats): near the 48 KB
+# L1, where the whole 4096 x 64 input (1 MB) sits in L2. Linear(4096, 4096) at batch 64: 30% dense 1.3x,
+# 10% 1.03-1.2x (module / prototype); at 2% a block row holds ~5 nonzeros and the extra out load and
+# store per block made it 1.6x slower. 192-column blocks ran within noise of 256 on the MLP at 90%
+# (sixth session); 128 leaves a 10%-dense row under 16 nonzeros per block.
 BLOCKED_MIN_BATCH = 64
 BLOCKED_WIDTH = 256
 BLOCKED_MIN_SEGMENT = 16
