@@ -14,7 +14,8 @@ from numba import njit, prange
 from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
                    sparse_conv_par, sparse_conv_seq)
-from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_par, lane_conv_seq,
+from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_maxpool_par,
+                    lane_conv_maxpool_seq, lane_conv_par, lane_conv_seq,
                     lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
 from .layout import rows_to_features_par, rows_to_features_seq
 from .sliced import sliced_matvec_par, sliced_matvec_seq
@@ -23,8 +24,8 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_b
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
-TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED = 16, 17, 18, 19, 20, 21
-N_PARAMS = 25
+TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
+N_PARAMS = 28
 
 
 def _maxpool(x, kernel, stride, pad, out):
@@ -164,6 +165,24 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                     zero_border_seq(out, p[23], p[24], 1, p[13])
                 lane_conv_seq(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
                               out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
+        elif code == LANE_CONV_MAXPOOL:
+            # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
+            #    lanes, cells_per_strip, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,
+            #    pool stride, pool pad, pooled OH, pooled OW, co_block, scratch, scratch rows (threads)
+            x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
+            out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
+            block_ptr = u32[p[14]:p[14] + p[4] * (p[15] + 1)].reshape((p[4], p[15] + 1))
+            offsets, values, bias = u32[p[16]:p[16] + p[17]], f32[p[18]:p[18] + p[17]], f32[p[19]:p[19] + p[4]]
+            maps_len = p[25] * p[10] * p[11] * p[12]
+            scratch = arena[p[26]:p[26] + p[27] * maps_len].reshape((p[27], maps_len))
+            if par:
+                zero_border_par(out, p[23] + 2, p[24] + 2, 1, p[12])
+                lane_conv_maxpool_par(block_ptr, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
+                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
+            else:
+                zero_border_seq(out, p[23] + 2, p[24] + 2, 1, p[12])
+                lane_conv_maxpool_seq(block_ptr, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
+                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
         elif code == LANE_MAXPOOL:
             # p: in, out, C, H, W, OH, OW, kernel, stride, pad, lanes, plane_in, plane_out (border 1 in and out)
             src = arena[p[0]:p[0] + p[2] * p[11]].reshape((p[2], p[11]))

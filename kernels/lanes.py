@@ -12,9 +12,13 @@ padding without masks, and no border cell is ever computed. Pixel-major layouts 
 where a cell's lanes would be mostly empty.
 """
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import get_thread_id, njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
 
 from ._jit import twin
+from .layout import TILE, transpose_tile
 from .strip import STRIP_VECTORS, VECTOR_BYTES, wide_strip
 
 LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded to a multiple of it
@@ -23,6 +27,90 @@ LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded
 def lane_count(n_img: int) -> int:
     """Lanes per cell for a batch of n_img: n_img rounded up to whole float32 vectors."""
     return -(-n_img // LANE_VECTOR) * LANE_VECTOR
+
+
+def _make_window_max(n_vec: int):
+    @intrinsic
+    def window_max(typingctx, src, s0, ny, nx, row_step, cell_step, dst, d):
+        """dst[d + i] = max over y < ny, x < nx of src[s0 + y * row_step + x * cell_step + i], i < 16 * n_vec
+        (float32; NaN propagates, and of equal values the first seen stays, as in torch's max pool)."""
+        for name, a in (("src", src), ("dst", dst)):
+            if not isinstance(a, types.Array) or a.layout != "C" or a.dtype != types.float32:
+                raise TypingError(f"window_max: {name} must be a C-contiguous float32 array, got {a}")
+        sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.intp, dst, types.intp)
+
+        def codegen(context, builder, signature, args):
+            src_v, s0_v, ny_v, nx_v, row_v, cell_v, dst_v, d_v = args
+            vec = ir.VectorType(ir.FloatType(), LANE_VECTOR)
+            i64 = ir.IntType(64)
+            src_ptr = context.make_array(signature.args[0])(context, builder, src_v).data
+            dst_ptr = context.make_array(signature.args[6])(context, builder, dst_v).data
+
+            def load(offset, v):
+                ptr = builder.gep(src_ptr, [builder.add(offset, ir.Constant(i64, LANE_VECTOR * v))])
+                return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+            first = [load(s0_v, v) for v in range(n_vec)]
+            # One loop over the ny * nx cells; the position steps to the next row with a select, not a division.
+            count = builder.mul(ny_v, nx_v)
+            row_skip = builder.sub(row_v, builder.mul(nx_v, cell_v))
+            entry = builder.block
+            body = builder.append_basic_block("window.loop")
+            done = builder.append_basic_block("window.done")
+            builder.cbranch(builder.icmp_signed(">", count, ir.Constant(i64, 0)), body, done)
+            builder.position_at_end(body)
+            t, x, pos = builder.phi(i64), builder.phi(i64), builder.phi(i64)
+            best = [builder.phi(vec) for _ in range(n_vec)]
+            for phi, value in ((t, ir.Constant(i64, 0)), (x, ir.Constant(i64, 0)), (pos, s0_v)):
+                phi.add_incoming(value, entry)
+            for phi, value in zip(best, first):
+                phi.add_incoming(value, entry)
+            stepped = []
+            for v, b in enumerate(best):
+                cell = load(pos, v)
+                wins = builder.or_(builder.fcmp_ordered(">", cell, b), builder.fcmp_unordered("uno", cell, cell))
+                stepped.append(builder.select(wins, cell, b))
+            t_next, x_next = builder.add(t, ir.Constant(i64, 1)), builder.add(x, ir.Constant(i64, 1))
+            wrap = builder.icmp_signed("==", x_next, nx_v)
+            pos_next = builder.add(builder.add(pos, cell_v), builder.select(wrap, row_skip, ir.Constant(i64, 0)))
+            end = builder.block
+            for phi, value in ((t, t_next), (x, builder.select(wrap, ir.Constant(i64, 0), x_next)), (pos, pos_next)):
+                phi.add_incoming(value, end)
+            for phi, value in zip(best, stepped):
+                phi.add_incoming(value, end)
+            builder.cbranch(builder.icmp_signed("<", t_next, count), body, done)
+            builder.position_at_end(done)
+            results = [builder.phi(vec) for _ in range(n_vec)]
+            for v, result in enumerate(results):
+                result.add_incoming(first[v], entry)
+                result.add_incoming(stepped[v], end)
+            for v, result in enumerate(results):
+                ptr = builder.gep(dst_ptr, [builder.add(d_v, ir.Constant(i64, LANE_VECTOR * v))])
+                builder.store(result, builder.bitcast(ptr, vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return window_max
+
+
+_window_max = tuple(_make_window_max(n) for n in range(1, 5))
+window_max1, window_max2, window_max3, window_max4 = _window_max
+
+
+@njit(inline="always", nogil=True)
+def window_max(src, s0, ny, nx, row_step, cell_step, dst, d, lanes):
+    """`window_max` over `lanes` (a multiple of 16) floats, in register groups of up to 4 vectors."""
+    for i in range(0, lanes, 4 * LANE_VECTOR):
+        left = lanes - i
+        if left >= 4 * LANE_VECTOR:
+            window_max4(src, s0 + i, ny, nx, row_step, cell_step, dst, d + i)
+        elif left == 3 * LANE_VECTOR:
+            window_max3(src, s0 + i, ny, nx, row_step, cell_step, dst, d + i)
+        elif left == 2 * LANE_VECTOR:
+            window_max2(src, s0 + i, ny, nx, row_step, cell_step, dst, d + i)
+        else:
+            window_max1(src, s0 + i, ny, nx, row_step, cell_step, dst, d + i)
 
 
 def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,
@@ -69,6 +157,52 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
                                0, False)
 
 
+def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias, relu, conv_h, conv_w, lanes,
+                       cells_per_strip, co_block, kernel, stride, pad, out, out_h, out_w, scratch):
+    """out = maxpool(relu?(conv(x))): a lanes conv (as `_lane_conv`, whole map, no residual) whose only reader is
+    a max pool, fused so that the conv's map never reaches the arena.
+
+    The pool window: kernel x kernel cells at stride `stride`, padding `pad` (padding never wins; NaN propagates,
+    as in torch). In: x and the conv's parameters as in `_lane_conv`, its output conv_h x conv_w cells.
+    Out: out[C_out, plane_out], a lanes activation (border 1, zeroed by the caller) of out_h x out_w cells.
+    scratch[threads, >= co_block * conv_h * conv_w * lanes]: each thread's conv maps.
+    Work items: co_block output channels. Their conv maps go to the thread's scratch row (torchvision resnet18's
+    stem at batch 64: 64 KB a channel, kept in L2), computed cell by cell with the channels innermost so that
+    they all read the cell's input window from L1, then pooled from there. Unfused, that stem wrote a 5.3 MB map
+    which the pool read back: both ran at memory speed."""
+    n_out = out.shape[0]
+    n_blocks = block_ptr.shape[1] - 1
+    width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize  # `wide_strip`: up to 8 vectors
+    wq_out = out_w + 2
+    map_len = conv_h * conv_w * lanes
+    zero = data[:0].sum()  # 0 in the weights' dtype
+    for item in prange((n_out + co_block - 1) // co_block):
+        co_first = item * co_block
+        n_co = min(co_block, n_out - co_first)
+        maps = scratch[get_thread_id()]
+        for oy in range(conv_h):
+            for ox in range(0, conv_w, cells_per_strip):
+                n_valid = min(cells_per_strip, conv_w - ox) * lanes
+                src = (origin + oy * step_y + ox * step_x) * lanes
+                for b in range(n_blocks):
+                    first, last = b == 0, b == n_blocks - 1
+                    for i in range(n_co):
+                        co = co_first + i
+                        dst = i * map_len + (oy * conv_w + ox) * lanes
+                        for j in range(0, n_valid, width):
+                            wide_strip(x, src + j, 1, offsets, data, block_ptr[co, b], block_ptr[co, b + 1],
+                                       bias[co] if first else zero, maps, dst + j, min(width, n_valid - j), maps,
+                                       dst + j, not first, relu and last, data, 0, False)
+        for i in range(n_co):
+            dst_plane = out[co_first + i]
+            for oy in range(out_h):
+                y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, conv_h)
+                for ox in range(out_w):
+                    x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, conv_w)
+                    window_max(maps, i * map_len + (y_lo * conv_w + x_lo) * lanes, y_hi - y_lo, x_hi - x_lo,
+                               conv_w * lanes, lanes, dst_plane, ((oy + 1) * wq_out + ox + 1) * lanes, lanes)
+
+
 def channel_block_ptr(indptr, columns, taps: int, chans_per_block: int, n_chan: int) -> np.ndarray:
     """block_ptr[row, b]: where row's nonzeros at input channels >= b * chans_per_block start (CSR columns
     are c * taps + tap, sorted within each row). Shape [rows, n_blocks + 1]."""
@@ -100,19 +234,38 @@ def _zero_border(out, hq, wq, border, lanes):
 def _to_lanes(x, strides, n_img, height, width, border, lanes, out):
     """out[c] = the lanes plane of channel c of x, border and spare lanes zeroed.
 
-    In: x flat, element (n, c, y, x) at strides (n, c, y, x) (NCHW input or a CNHW buffer). Out: out[C, plane]."""
-    wq = width + 2 * border
+    In: x flat, element (n, c, y, x) at strides (n, c, y, x) (NCHW input or a CNHW buffer). Out: out[C, plane].
+    Work items: one plane row of one channel. Where pixels are contiguous (x stride 1), 16 images x 16 pixels
+    move as one register-transposed tile (`layout.transpose_tile`); the scalar loop, one strided load per
+    value, took 0.2 ms for a 64 x 3 x 32 x 32 input (torchvision resnet18 at batch 64: 6% of the plan)."""
+    wq, hq = width + 2 * border, height + 2 * border
+    plane_len = out.shape[1]
     sn, sc, sy, sx = strides[0], strides[1], strides[2], strides[3]
-    for c in prange(out.shape[0]):
+    full_n = n_img - n_img % TILE if sx == 1 else 0
+    full_x = width - width % TILE
+    flat_out = out.reshape(-1)
+    for cy in prange(out.shape[0] * hq):
+        c, y = cy // hq, cy % hq
         plane = out[c]
-        for q in range(plane.shape[0]):
-            plane[q] = 0.0
-        for y in range(height):
-            for xx in range(width):
-                base = ((y + border) * wq + xx + border) * lanes
-                src = c * sc + y * sy + xx * sx
-                for n in range(n_img):
-                    plane[base + n] = x[src + n * sn]
+        row = y * wq * lanes
+        if y < border or y >= hq - border:
+            plane[row:row + wq * lanes] = 0.0
+            if y == hq - 1:
+                plane[hq * wq * lanes:] = 0.0  # the plane's padding past its last row
+            continue
+        plane[row:row + border * lanes] = 0.0
+        plane[row + (wq - border) * lanes:row + wq * lanes] = 0.0
+        src_row = c * sc + (y - border) * sy
+        for n0 in range(0, full_n, TILE):
+            for x0 in range(0, full_x, TILE):
+                transpose_tile(x, src_row + n0 * sn + x0, sn, flat_out, c * plane_len + row + (x0 + border) * lanes + n0,
+                               lanes)
+        for xx in range(width):
+            base = row + (xx + border) * lanes
+            src = src_row + xx * sx
+            for n in range(full_n if xx < full_x else 0, n_img):
+                plane[base + n] = x[src + n * sn]
+            plane[base + n_img:base + lanes] = 0.0
 
 
 def _from_lanes(x, n_img, height, width, border, lanes, out):
@@ -130,29 +283,17 @@ def _from_lanes(x, n_img, height, width, border, lanes, out):
 def _lane_maxpool(x, height, width, border, kernel, stride, pad, out, out_h, out_w, lanes):
     """Max over each window of a lanes activation (window cells outside the image never win; NaN
     propagates, as in torch). Out: out[C, plane_out], interior cells only (border 1 zeroed by the caller).
-    The running max lives in a local row of lanes, not in `out`, which may alias x as far as LLVM knows
-    (torchvision resnet18's pool at batch 64: 1.1 -> 0.8 ms). Cells are read and written through slice
-    views: indexing the plane with a signed `base + n` kept Numba's negative-index wraparound, which LLVM
-    vectorised as a gather (0.6 -> 0.21 ms)."""
+    Each window's running max stays in registers (`window_max`): Numba's own loop over a cell's lanes kept it
+    in memory behind an aliasing check, ~1.3 values a cycle."""
     wq, wq_out = width + 2 * border, out_w + 2
     for cy in prange(out.shape[0] * out_h):
         c, oy = cy // out_h, cy % out_h
         src, dst = x[c], out[c]
-        best = np.empty(lanes, dtype=x.dtype)
         y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, height)
         for ox in range(out_w):
             x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, width)
-            first = ((y_lo + border) * wq + x_lo + border) * lanes
-            best[:] = src[first:first + lanes]
-            for y in range(y_lo, y_hi):
-                for xx in range(x_lo, x_hi):
-                    s = ((y + border) * wq + xx + border) * lanes
-                    cell = src[s:s + lanes]
-                    for n in range(lanes):
-                        v, b = cell[n], best[n]
-                        best[n] = v if v > b or v != v else b
-            o = ((oy + 1) * wq_out + ox + 1) * lanes
-            dst[o:o + lanes] = best
+            window_max(src, ((y_lo + border) * wq + x_lo + border) * lanes, y_hi - y_lo, x_hi - x_lo, wq * lanes, lanes,
+                       dst, ((oy + 1) * wq_out + ox + 1) * lanes, lanes)
 
 
 def _lane_avgpool(x, n_img, height, width, border, lanes, out):
@@ -171,6 +312,7 @@ def _lane_avgpool(x, n_img, height, width, border, lanes, out):
 
 
 lane_conv_par, lane_conv_seq = twin(_lane_conv)
+lane_conv_maxpool_par, lane_conv_maxpool_seq = twin(_lane_conv_maxpool)
 zero_border_par, zero_border_seq = twin(_zero_border)
 to_lanes_par, to_lanes_seq = twin(_to_lanes)
 from_lanes_par, from_lanes_seq = twin(_from_lanes)
@@ -189,6 +331,7 @@ def lane_offsets(columns, kernel_size, dilation, plane: int, wq: int, lanes: int
     return offsets.astype(np.uint32) if offsets.size == 0 or offsets.max() < 2 ** 32 else offsets
 
 
-__all__ = ["LANE_VECTOR", "channel_block_ptr", "lane_count", "lane_offsets", "lane_conv_par", "lane_conv_seq", "zero_border_par",
+__all__ = ["LANE_VECTOR", "channel_block_ptr", "lane_count", "lane_offsets", "lane_conv_par", "lane_conv_seq", "lane_conv_maxpool_par",
+           "lane_conv_maxpool_seq", "zero_border_par",
            "zero_border_seq", "to_lanes_par", "to_lanes_seq", "from_lanes_par", "from_lanes_seq", "lane_maxpool_par",
            "lane_maxpool_seq", "lane_avgpool_par", "lane_avgpool_seq"]

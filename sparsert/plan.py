@@ -142,6 +142,8 @@ class _Builder:
         self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
         self.lanes = False                             # 4-D activations batch-in-lanes (kernels.lanes)
         self.relu_flag: dict = {}                      # node -> [(row, param)]: the ReLU flags of the ops writing it
+        self.modules: dict[str, nn.Module] = {}        # the graph's submodules, by name
+        self.fused: dict = {}                          # node -> its buffer, already written by an earlier op
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -241,6 +243,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
     example = torch.zeros(input_shape)
     ShapeProp(gm).propagate(example)
     b = _Builder()
+    b.modules = modules
     buffers: dict[torch.fx.Node, tuple] = {}  # node -> (offset, layout, shape in that layout)
     output = None
     for node in gm.graph.nodes:
@@ -307,6 +310,8 @@ def _arg(node, buffers, i=0):
 
 
 def _lower_module(b: _Builder, m: nn.Module, node, buffers, meta):
+    if node in b.fused:  # a max pool its conv computed (_lower_lane_conv)
+        return b.fused.pop(node)
     if isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Flatten) and m.start_dim == 1
                                                       and _arg(node, buffers)[1] == "features"):
         return _arg(node, buffers)
@@ -462,21 +467,21 @@ def _flatten(b, buf):
 
 
 def _lower_maxpool(b, m: nn.MaxPool2d, buf):
-    k, s, p, d = (m.kernel_size, m.stride, m.padding, m.dilation)
-    if not all(isinstance(v, int) for v in (k, s, p, d)) or d != 1 or m.ceil_mode or m.return_indices:
+    k, s, pad, d = (m.kernel_size, m.stride, m.padding, m.dilation)
+    if not all(isinstance(v, int) for v in (k, s, pad, d)) or d != 1 or m.ceil_mode or m.return_indices:
         raise Unsupported("maxpool other than square, dilation 1, floor mode")
     c, n, h, w = buf[2]
-    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out_h, out_w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
     if buf[1] == "lanes":
         lanes, _, _, plane_in = lane_geometry(n, h, w)
         plane_out = lane_geometry(n, out_h, out_w)[3]
         off = b.alloc(c * plane_out)
-        b.emit(ex.LANE_MAXPOOL, c * lanes * out_h * out_w * k * k, buf[0], off, c, h, w, out_h, out_w, k, s, p, lanes,
+        b.emit(ex.LANE_MAXPOOL, c * lanes * out_h * out_w * k * k, buf[0], off, c, h, w, out_h, out_w, k, s, pad, lanes,
                plane_in, plane_out)
         return (off, "lanes", (c, n, out_h, out_w))
     off_in, _, (c, n, h, w) = _cnhw(b, buf)
     off = b.alloc(c * n * out_h * out_w)
-    b.emit(ex.MAXPOOL, c * n * out_h * out_w * k * k, off_in, off, c, n, h, w, out_h, out_w, k, s, p)
+    b.emit(ex.MAXPOOL, c * n * out_h * out_w * k * k, off_in, off, c, n, h, w, out_h, out_w, k, s, pad)
     return (off, "cnhw", (c, n, out_h, out_w))
 
 
@@ -549,7 +554,7 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
     if b.lanes:
         return _lower_lane_conv(b, buf, None, fmt.indptr, fmt.indices, fmt.data, bias, False, m.kernel_size, m.stride,
-                                m.dilation, pads)
+                                m.dilation, pads)[0]
     return _lower_im2col_conv(b, _cnhw(b, buf)[0], (c, n, h, w), -1, fmt.indptr, fmt.indices, fmt.data, bias, False,
                               m.kernel_size, m.stride, m.dilation, pads)
 
@@ -652,8 +657,13 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         if res is None or res[1] not in ("cnhw", "grid", "lanes") or tuple(res[2]) != out_shape:
             raise Unsupported("residual shape differs from the conv output")
     if b.lanes:
-        return _lower_lane_conv(b, src, res, m.indptr.numpy(), m.indices.numpy(), m.values.detach().numpy(),
-                                m.bias_or_zeros.detach().numpy(), m.relu, m.kernel_size, m.stride, m.dilation, m.pads)
+        pool = _sole_maxpool(b, node) if res is None else None
+        out, pooled = _lower_lane_conv(b, src, res, m.indptr.numpy(), m.indices.numpy(), m.values.detach().numpy(),
+                                       m.bias_or_zeros.detach().numpy(), m.relu, m.kernel_size, m.stride, m.dilation,
+                                       m.pads, pool=None if pool is None else pool[1])
+        if pooled:
+            b.fused[pool[0]] = out
+        return out
     im2col = ops.uses_im2col(n, out_h, out_w, hq, wq, m.out_channels, m.density)
     if _runs_on_grid(m, n, h, w):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
@@ -706,6 +716,7 @@ LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay i
 LANE_REGION_GAIN = 1.3     # split a lane conv into regions of equal live taps when that saves this much work
 LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
+LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 
 
 def lane_geometry(n: int, h: int, w: int, border: int = 1) -> tuple[int, int, int, int]:
@@ -773,8 +784,35 @@ def _may_overwrite(b: _Builder, res, x, size: int) -> bool:
             and not any(key[0] == res[0] for key in b.converted))
 
 
-def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads):
+def pool_co_block(n_out: int, map_len: int) -> int:
+    """Output channels per work item of a conv fused with its max pool: their conv maps (float32 x map_len each)
+    fill about LANE_POOL_SCRATCH_BYTES, and every thread gets at least two items where the layer has them."""
+    block = max(1, min(n_out, LANE_POOL_SCRATCH_BYTES // (4 * map_len)))
+    while block > 1 and -(-n_out // block) < 2 * numba.config.NUMBA_NUM_THREADS:
+        block //= 2
+    return block
+
+
+def _sole_maxpool(b: _Builder, node):
+    """(node, module) of the max pool that is node's only reader, if a lanes conv can compute it too
+    (kernels.lanes._lane_conv_maxpool), else None."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    m = b.modules.get(user.target) if user.op == "call_module" else None
+    if not isinstance(m, nn.MaxPool2d) or user.kwargs or len(user.args) != 1:
+        return None
+    k, s, pad, d = (m.kernel_size, m.stride, m.padding, m.dilation)
+    if not all(isinstance(v, int) for v in (k, s, pad, d)) or d != 1 or m.ceil_mode or m.return_indices:
+        return None
+    return user, m
+
+
+def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads,
+                     pool: nn.MaxPool2d | None = None):
     """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes).
+    Returns (buffer, pooled): with `pool` (a max pool, the conv's only reader) the op also pools, and the
+    buffer is the pool's output, where the conv runs as one op (no region split); otherwise pooled is False.
 
     On small maps most taps of the edge pixels read the zero border: a 3x3 conv on a 2x2 map computes 9 taps
     per pixel where 4 read the input. Where cutting the map into regions of equal live taps
@@ -801,9 +839,18 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     native_res = res is not None and res[1] == "lanes"
     if res is not None:
         res = _lanes(b, res)
-    if native_res and _may_overwrite(b, res, x, out_channels * plane_out):
-        out = res[0]
+    if pool is not None and len(regions) == 1 and res is None:
+        # The unfused pair wrote and re-read the whole conv map: torchvision resnet18's stem at batch 64 is a
+        # 5.3 MB map, and conv and pool both ran at memory speed.
+        k, s, pad = pool.kernel_size, pool.stride, pool.padding
+        pool_h, pool_w = (out_h + 2 * pad - k) // s + 1, (out_w + 2 * pad - k) // s + 1
+        plane_pool = lane_geometry(n, pool_h, pool_w)[3]
+        out = b.alloc(out_channels * plane_pool)
     else:
+        pool = None
+    if pool is None and native_res and _may_overwrite(b, res, x, out_channels * plane_out):
+        out = res[0]
+    elif pool is None:
         out = b.alloc(out_channels * plane_out)
     cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
     for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
@@ -819,12 +866,22 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
             co_block //= 2  # a small region still gives every thread work
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
+        if pool is not None:
+            co_block, threads = pool_co_block(out_channels, rows * cols * lanes), numba.config.NUMBA_NUM_THREADS
+            scratch = b.alloc(threads * co_block * rows * cols * lanes)
+            b.emit(ex.LANE_CONV_MAXPOOL, len(r_indices) * lanes * rows * cols + out_channels * lanes * pool_h * pool_w * k * k,
+                   x[0], c, plane_in, out, out_channels, plane_pool, int(relu), origin, sh * wq_in, sw, rows, cols, lanes,
+                   cells_per_strip, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets),
+                   len(r_indices), b.weights_f32(r_values), b.weights_f32(bias), k, s, pad, pool_h, pool_w, co_block,
+                   scratch, threads)
+            b.free(scratch)
+            return (out, "lanes", (out_channels, n, pool_h, pool_w)), True
         b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
                -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
                co_block, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets), len(r_indices),
                b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1, hq_out if i == 0 else 0,
                wq_out)
-    return (out, "lanes", (out_channels, n, out_h, out_w))
+    return (out, "lanes", (out_channels, n, out_h, out_w)), False
 
 
 def _lower_grid_conv(b: _Builder, m: SparseConv2d, src, res):

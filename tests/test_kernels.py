@@ -167,6 +167,32 @@ def test_rows_to_features(variant, shape, gen):
     np.testing.assert_array_equal(out, x.T)
 
 
+@pytest.mark.parametrize(("n_img", "height", "width", "border"), [(64, 32, 32, 1), (20, 5, 37, 3), (16, 16, 16, 2),
+                                                                    (3, 4, 4, 1)],
+                         ids=["64x32x32-b1", "20x5x37-b3", "16x16x16-b2", "3x4x4-b1"])
+@pytest.mark.parametrize("source", ["nchw", "cnhw"])
+@pytest.mark.parametrize("variant", PAR_SEQ)
+def test_to_lanes(variant, source, n_img, height, width, border, gen):
+    """Register tiles (16 images x 16 pixels), scalar edges (images past the last full tile, pixels past the
+    last full 16) and zeros (border cells, lanes past the batch, the plane's padding) over a NaN output: every
+    value of the plane is written, and each from the right pixel."""
+    n_chan = 3
+    x = torch.randn(n_img, n_chan, height, width, generator=gen).numpy()
+    hw = height * width
+    if source == "nchw":
+        flat, strides = x.reshape(-1), np.array([n_chan * hw, hw, width, 1])
+    else:
+        flat, strides = x.transpose(1, 0, 2, 3).copy().reshape(-1), np.array([hw, n_img * hw, width, 1])
+    lanes = kernels.lane_count(n_img)
+    hq, wq = height + 2 * border, width + 2 * border
+    out = np.full((n_chan, hq * wq * lanes + 16), np.nan, np.float32)
+    _kernel("to_lanes", variant)(flat, strides, n_img, height, width, border, lanes, out)
+    expected = np.zeros((n_chan, hq, wq, lanes), np.float32)
+    expected[:, border:border + height, border:border + width, :n_img] = x.transpose(1, 2, 3, 0)
+    np.testing.assert_array_equal(out[:, :hq * wq * lanes].reshape(n_chan, hq, wq, lanes), expected)
+    np.testing.assert_array_equal(out[:, hq * wq * lanes:], 0)
+
+
 def test_transposed_input_reaches_the_kernel_unchanged(gen):
     """A batch-64 float32 Linear input goes through the register transpose, a feature-major view does not."""
     layer = SparseLinear(CSR.from_dense(sparse_matrix((40, 70), 0.3, gen)), torch.randn(40, generator=gen),

@@ -502,9 +502,10 @@ def test_grid_conv_as_the_last_layer_returns_dense_nchw():
 
 # ------------------------------------------------------------------------- batch-in-lanes activations
 def _lane_convs(plan):
-    """Convs run on lanes. A conv split into regions is several LANE_CONV ops; its first zeroes the border."""
+    """Convs run on lanes. A conv split into regions is several LANE_CONV ops; its first zeroes the border.
+    A conv fused with its max pool is one LANE_CONV_MAXPOOL op."""
     from sparsert.kernels import executor as ex
-    return sum(1 for row in plan.ops if row[0] == ex.LANE_CONV and row[2 + 23] != 0)
+    return sum(1 for row in plan.ops if (row[0] == ex.LANE_CONV and row[2 + 23] != 0) or row[0] == ex.LANE_CONV_MAXPOOL)
 
 
 def _run_on_nan_arena(sparse, x):
@@ -711,6 +712,57 @@ def test_lane_maxpool_and_relu_keep_nan_like_torch():
         out, ref = sparse(x), model(x)
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[3]).all()
     torch.testing.assert_close(out[~torch.isnan(ref)], ref[~torch.isnan(ref)], rtol=1e-4, atol=1e-4)
+
+
+def _pool_ops(plan):
+    from sparsert.kernels import executor as ex
+    codes = list(plan.ops[:, 0])
+    return codes.count(ex.LANE_CONV_MAXPOOL), codes.count(ex.LANE_MAXPOOL)
+
+
+@pytest.mark.parametrize("co_block", [None, 1, 3])
+def test_lane_conv_computes_its_only_max_pool(co_block, monkeypatch):
+    """The stem conv, whose only reader is the max pool, runs as one fused op that never writes its map to the
+    arena. Work items of 1 and 3 of its 16 channels (the last item holds 1) too."""
+    from sparsert import plan as plan_module
+    if co_block is not None:
+        monkeypatch.setattr(plan_module, "pool_co_block", lambda n_out, map_len: co_block)
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(20, 3, 30, 26)
+    plan = sparse.plan_for(x)
+    assert _pool_ops(plan) == (1, 0)
+    fused = next(row[2:] for row in plan.ops if row[0] == plan_module.ex.LANE_CONV_MAXPOOL)
+    assert fused[25] == (co_block or plan_module.pool_co_block(16, 15 * 13 * 32))
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _PooledTwice(nn.Module):
+    """A conv whose map two max pools read, then a conv with a residual whose map a max pool reads: neither
+    conv may fuse with a pool (the first pool would leave the second nothing to read; a fused conv takes no
+    residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _masked(nn.Conv2d(3, 8, 3, padding=1), 0.3)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.wide = nn.MaxPool2d(2, 2)
+        self.res = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3, seed=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        z = self.pool(y) + self.wide(y)
+        return self.pool(torch.relu(self.res(z) + z))
+
+
+def test_lane_conv_leaves_a_shared_or_residual_map_to_the_max_pool():
+    torch.manual_seed(0)
+    model = _PooledTwice().eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 3, 12, 10)
+    plan = sparse.plan_for(x)
+    assert _lane_convs(plan) == 2 and _pool_ops(plan) == (0, 3)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_lane_channel_block_rule():
