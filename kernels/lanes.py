@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from ._jit import twin
 from .layout import TILE, transpose_tile
-from .strip import STRIP_VECTORS, VECTOR_BYTES, wide_strip
+from .strip import STRIP_VECTORS, VECTOR_BYTES, cell_pair_strip, wide_strip
 
 LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded to a multiple of it
 
@@ -113,6 +113,21 @@ def window_max(src, s0, ny, nx, row_step, cell_step, dst, d, lanes):
             window_max1(src, s0 + i, ny, nx, row_step, cell_step, dst, d + i)
 
 
+@njit(inline="always", nogil=True)
+def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out, dst, add, has_add, relu):
+    """One row nonzeros' sum over n_cells neighbouring output cells, from src (their first input cell) into
+    out at dst (adding add[dst..] when has_add). At stride 1 the cells' inputs are adjacent: strips of up to
+    8 vectors. At other strides two cells share one gapped strip (`cell_pair_strip`)."""
+    if n_cells == 2 and step_x != 1:
+        cell_pair_strip(x, src, step_x * lanes, offsets, data, k0, k1, init, out, dst, lanes, add, dst, has_add, relu)
+    else:
+        width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize
+        n_valid = n_cells * lanes
+        for j in range(0, n_valid, width):
+            wide_strip(x, src + j, 1, offsets, data, k0, k1, init, out, dst + j, min(width, n_valid - j), add, dst + j,
+                       has_add, relu, data, 0, False)
+
+
 def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,
                out_origin, out_h, out_w, lanes, cells_per_strip, co_block):
     """out[co, cell(oy, ox)] = relu?(bias[co] + sum_k data[k] * x.flat[src(oy, ox) + offsets[k]] + residual[co, cell])
@@ -132,7 +147,6 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
     64) for co_block output channels."""
     n_out = out.shape[0]
     n_blocks = block_ptr.shape[1] - 1
-    width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize  # `wide_strip`: up to 8 vectors
     segments = (out_w + cells_per_strip - 1) // cells_per_strip
     blocks = (n_out + co_block - 1) // co_block
     zero = data[:0].sum()  # 0 in the weights' dtype
@@ -140,7 +154,7 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
         block = item % blocks
         ox = (item // blocks % segments) * cells_per_strip
         oy = item // blocks // segments
-        n_valid = min(cells_per_strip, out_w - ox) * lanes
+        n_cells = min(cells_per_strip, out_w - ox)
         src = (origin + oy * step_y + ox * step_x) * lanes
         dst = (out_origin + oy * wq_out + ox) * lanes
         for b in range(n_blocks):
@@ -151,10 +165,8 @@ def _lane_conv(block_ptr, offsets, data, x, origin, step_y, step_x, bias, residu
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
                 row = co * out.shape[1] + dst
                 init = bias[co] if first else zero
-                for j in range(0, n_valid, width):
-                    wide_strip(x, src + j, 1, offsets, data, block_ptr[co, b], block_ptr[co, b + 1], init, out, row + j,
-                               min(width, n_valid - j), add, row + j, has_residual or not first, relu and last, data,
-                               0, False)
+                cells_strip(x, src, step_x, lanes, n_cells, offsets, data, block_ptr[co, b], block_ptr[co, b + 1], init,
+                            out, row, add, has_residual or not first, relu and last)
 
 
 def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias, relu, conv_h, conv_w, lanes,
@@ -172,7 +184,6 @@ def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias
     which the pool read back: both ran at memory speed."""
     n_out = out.shape[0]
     n_blocks = block_ptr.shape[1] - 1
-    width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize  # `wide_strip`: up to 8 vectors
     wq_out = out_w + 2
     map_len = conv_h * conv_w * lanes
     zero = data[:0].sum()  # 0 in the weights' dtype
@@ -182,17 +193,15 @@ def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias
         maps = scratch[get_thread_id()]
         for oy in range(conv_h):
             for ox in range(0, conv_w, cells_per_strip):
-                n_valid = min(cells_per_strip, conv_w - ox) * lanes
+                n_cells = min(cells_per_strip, conv_w - ox)
                 src = (origin + oy * step_y + ox * step_x) * lanes
                 for b in range(n_blocks):
                     first, last = b == 0, b == n_blocks - 1
                     for i in range(n_co):
                         co = co_first + i
                         dst = i * map_len + (oy * conv_w + ox) * lanes
-                        for j in range(0, n_valid, width):
-                            wide_strip(x, src + j, 1, offsets, data, block_ptr[co, b], block_ptr[co, b + 1],
-                                       bias[co] if first else zero, maps, dst + j, min(width, n_valid - j), maps,
-                                       dst + j, not first, relu and last, data, 0, False)
+                        cells_strip(x, src, step_x, lanes, n_cells, offsets, data, block_ptr[co, b], block_ptr[co, b + 1],
+                                    bias[co] if first else zero, maps, dst, maps, not first, relu and last)
         for i in range(n_co):
             dst_plane = out[co_first + i]
             for oy in range(out_h):

@@ -48,148 +48,163 @@ def _check_types(x, indices, values, out, res, mask):
         raise TypingError("sparse_row_strip: x, values, out, res and mask must share one float dtype")
 
 
-def _make_strip(n_vec: int, n_sets: int = 0):
+def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False):
     # Independent accumulator chains: an FMA waits ~4 cycles for the previous one into the same register,
     # so strips of fewer than 4 vectors also split the nonzeros over n_sets accumulator sets.
     n_sets = n_sets or max(1, 4 // n_vec)
 
-    @intrinsic
-    def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
-              mask, m, has_mask):
+    def signature_of(x, indices, values, out, res, mask):
         _check_types(x, indices, values, out, res, mask)
-        sig = types.void(x, types.intp, types.intp, indices, values, types.intp, types.intp, x.dtype, out,
-                         types.intp, types.intp, res, types.intp, types.boolean, types.boolean, mask, types.intp,
-                         types.boolean)
+        return (x, types.intp, types.intp, indices, values, types.intp, types.intp, x.dtype, out, types.intp,
+                types.intp, res, types.intp, types.boolean, types.boolean, mask, types.intp, types.boolean)
 
-        def codegen(context, builder, signature, args):
-            (x_v, x0_v, stride_v, idx_v, val_v, k0_v, k1_v, init_v, out_v, o_v, n_v, res_v, r_v, has_res_v,
-             relu_v, mask_v, m_v, has_mask_v) = args
-            aty = signature.args
-            elem = context.get_value_type(aty[0].dtype)
-            n_lanes = lanes(aty[0].dtype)
-            vec = ir.VectorType(elem, n_lanes)
-            i64, i32 = ir.IntType(64), ir.IntType(32)
-            mask_ty = ir.VectorType(ir.IntType(1), n_lanes)
-            suffix = f"v{n_lanes}{'f32' if n_lanes == 16 else 'f64'}"
-            mod = builder.module
-            fma = declare_function(mod, f"llvm.fma.{suffix}", vec, [vec, vec, vec])
-            mload = declare_function(mod, f"llvm.masked.load.{suffix}.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
-            mstore = declare_function(mod, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
+    def codegen(context, builder, signature, args):
+        (x_v, x0_v, stride_v, idx_v, val_v, k0_v, k1_v, init_v, out_v, o_v, n_v, res_v, r_v, has_res_v,
+         relu_v, mask_v, m_v, has_mask_v) = args[:18]
+        gap_v = args[18] if gapped else None
+        aty = signature.args
+        elem = context.get_value_type(aty[0].dtype)
+        n_lanes = lanes(aty[0].dtype)
+        vec = ir.VectorType(elem, n_lanes)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        mask_ty = ir.VectorType(ir.IntType(1), n_lanes)
+        suffix = f"v{n_lanes}{'f32' if n_lanes == 16 else 'f64'}"
+        mod = builder.module
+        fma = declare_function(mod, f"llvm.fma.{suffix}", vec, [vec, vec, vec])
+        mload = declare_function(mod, f"llvm.masked.load.{suffix}.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
+        mstore = declare_function(mod, f"llvm.masked.store.{suffix}.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
 
-            def data(i):
-                return context.make_array(aty[i])(context, builder, args[i]).data
+        def data(i):
+            return context.make_array(aty[i])(context, builder, args[i]).data
 
-            x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr, mask_ptr = data(0), data(3), data(4), data(8), data(11), data(15)
+        x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr, mask_ptr = data(0), data(3), data(4), data(8), data(11), data(15)
 
-            def splat(value):
-                one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
-                                              ir.Constant(ir.VectorType(i32, n_lanes), [0] * n_lanes))
+        def splat(value):
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, n_lanes), [0] * n_lanes))
 
-            # Lanes of the last vector inside n_valid; the others are full (row_strip picks n_vec so).
-            n_last = builder.sub(n_v, ir.Constant(i64, n_lanes * (n_vec - 1)))
-            lane_ids = ir.Constant(ir.VectorType(i64, n_lanes), list(range(n_lanes)))
-            last_mask = builder.icmp_signed("<", lane_ids, splat_int(builder, n_last, n_lanes))
-            align = ir.Constant(i32, aty[0].dtype.bitwidth // 8)
+        # Lanes of the last vector inside n_valid; the others are full (row_strip picks n_vec so).
+        n_last = builder.sub(n_v, ir.Constant(i64, n_lanes * (n_vec - 1)))
+        lane_ids = ir.Constant(ir.VectorType(i64, n_lanes), list(range(n_lanes)))
+        last_mask = builder.icmp_signed("<", lane_ids, splat_int(builder, n_last, n_lanes))
+        align = ir.Constant(i32, aty[0].dtype.bitwidth // 8)
 
-            def load(ptr, v, passthru):
-                if v == n_vec - 1:
-                    return builder.call(mload, [ptr, align, last_mask, passthru])
-                return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
+        def load(ptr, v, passthru):
+            if v == n_vec - 1:
+                return builder.call(mload, [ptr, align, last_mask, passthru])
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
 
-            def store(value, ptr, v):
-                if v == n_vec - 1:
-                    builder.call(mstore, [value, ptr, align, last_mask])
-                else:
-                    builder.store(value, builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
+        def store(value, ptr, v):
+            if v == n_vec - 1:
+                builder.call(mstore, [value, ptr, align, last_mask])
+            else:
+                builder.store(value, builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
 
-            zero = ir.Constant(vec, None)
-            start = splat(init_v)
+        zero = ir.Constant(vec, None)
+        start = splat(init_v)
 
-            def fma_step(kk, accs):
-                index = builder.zext(builder.load(builder.gep(idx_ptr, [kk])), i64) \
-                    if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
-                row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
-                w = splat(builder.load(builder.gep(val_ptr, [kk])))
-                return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
-                        for v, acc in enumerate(accs)]
+        def fma_step(kk, accs):
+            index = builder.zext(builder.load(builder.gep(idx_ptr, [kk])), i64) \
+                if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
+            row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
+            w = splat(builder.load(builder.gep(val_ptr, [kk])))
+            if gapped:  # vectors n_vec/2.. one cell on
+                half = n_vec // 2
+                far = builder.gep(row, [gap_v])
+                return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]) if v < half else
+                                                   builder.gep(far, [ir.Constant(i64, n_lanes * (v - half))]), v, zero),
+                                           acc]) for v, acc in enumerate(accs)]
+            return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
+                    for v, acc in enumerate(accs)]
 
-            def merge(values_a, block_a, values_b, block_b):
-                """Per vector, a phi: values_a arriving from block_a, values_b from block_b."""
-                phis = []
-                for a, b in zip(values_a, values_b):
-                    phi = builder.phi(vec)
-                    phi.add_incoming(a, block_a)
-                    phi.add_incoming(b, block_b)
-                    phis.append(phi)
-                return phis
+        def merge(values_a, block_a, values_b, block_b):
+            """Per vector, a phi: values_a arriving from block_a, values_b from block_b."""
+            phis = []
+            for a, b in zip(values_a, values_b):
+                phi = builder.phi(vec)
+                phi.add_incoming(a, block_a)
+                phi.add_incoming(b, block_b)
+                phis.append(phi)
+            return phis
 
-            def accumulate(k_from, k_to, inits):
-                """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
-                ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
-                entry = builder.block
-                body = builder.append_basic_block("strip.loop")
-                exit_ = builder.append_basic_block("strip.exit")
-                builder.cbranch(builder.icmp_signed("<", k_from, k_to), body, exit_)
-                builder.position_at_end(body)
-                k = builder.phi(i64)
-                k.add_incoming(k_from, entry)
-                sets = [[builder.phi(vec) for _ in init] for init in inits]
-                for phis, init in zip(sets, inits):
-                    for phi, value in zip(phis, init):
-                        phi.add_incoming(value, entry)
-                stepped = [fma_step(builder.add(k, ir.Constant(i64, s)), phis) for s, phis in enumerate(sets)]
-                k_next = builder.add(k, ir.Constant(i64, len(inits)))
-                end = builder.block
-                k.add_incoming(k_next, end)
-                for phis, values in zip(sets, stepped):
-                    for phi, value in zip(phis, values):
-                        phi.add_incoming(value, end)
-                builder.cbranch(builder.icmp_signed("<", k_next, k_to), body, exit_)
-                builder.position_at_end(exit_)
-                return [merge(init, entry, values, end) for init, values in zip(inits, stepped)]
+        def accumulate(k_from, k_to, inits):
+            """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
+            ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
+            entry = builder.block
+            body = builder.append_basic_block("strip.loop")
+            exit_ = builder.append_basic_block("strip.exit")
+            builder.cbranch(builder.icmp_signed("<", k_from, k_to), body, exit_)
+            builder.position_at_end(body)
+            k = builder.phi(i64)
+            k.add_incoming(k_from, entry)
+            sets = [[builder.phi(vec) for _ in init] for init in inits]
+            for phis, init in zip(sets, inits):
+                for phi, value in zip(phis, init):
+                    phi.add_incoming(value, entry)
+            stepped = [fma_step(builder.add(k, ir.Constant(i64, s)), phis) for s, phis in enumerate(sets)]
+            k_next = builder.add(k, ir.Constant(i64, len(inits)))
+            end = builder.block
+            k.add_incoming(k_next, end)
+            for phis, values in zip(sets, stepped):
+                for phi, value in zip(phis, values):
+                    phi.add_incoming(value, end)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_to), body, exit_)
+            builder.position_at_end(exit_)
+            return [merge(init, entry, values, end) for init, values in zip(inits, stepped)]
 
-            # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
-            # remaining < n_sets nonzeros one by one.
-            count = builder.sub(k1_v, k0_v)
-            k_main = builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)),
-                                                   ir.Constant(i64, n_sets)))
-            sets = accumulate(k0_v, k_main, [[start] * n_vec] + [[zero] * n_vec] * (n_sets - 1))
-            total = sets[0]
-            for other in sets[1:]:
-                total = [builder.fadd(a, b) for a, b in zip(total, other)]
-            results = accumulate(k_main, k1_v, [total])[0]
-            # Epilogue in registers: residual add, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch), mask.
-            def when(flag, values, transform, name):
-                """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""
-                before = builder.block
-                taken = builder.append_basic_block(f"strip.{name}")
-                joined = builder.append_basic_block(f"strip.{name}.done")
-                builder.cbranch(flag, taken, joined)
-                builder.position_at_end(taken)
-                changed = transform(values)
-                after = builder.block
-                builder.branch(joined)
-                builder.position_at_end(joined)
-                return merge(values, before, changed, after)
+        # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
+        # remaining < n_sets nonzeros one by one.
+        count = builder.sub(k1_v, k0_v)
+        k_main = builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)),
+                                               ir.Constant(i64, n_sets)))
+        sets = accumulate(k0_v, k_main, [[start] * n_vec] + [[zero] * n_vec] * (n_sets - 1))
+        total = sets[0]
+        for other in sets[1:]:
+            total = [builder.fadd(a, b) for a, b in zip(total, other)]
+        results = accumulate(k_main, k1_v, [total])[0]
+        # Epilogue in registers: residual add, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch), mask.
+        def when(flag, values, transform, name):
+            """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""
+            before = builder.block
+            taken = builder.append_basic_block(f"strip.{name}")
+            joined = builder.append_basic_block(f"strip.{name}.done")
+            builder.cbranch(flag, taken, joined)
+            builder.position_at_end(taken)
+            changed = transform(values)
+            after = builder.block
+            builder.branch(joined)
+            builder.position_at_end(joined)
+            return merge(values, before, changed, after)
 
-            def lane_vectors(ptr, start):
-                row = builder.gep(ptr, [start])
-                return [load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero) for v in range(n_vec)]
+        def lane_vectors(ptr, start):
+            row = builder.gep(ptr, [start])
+            return [load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero) for v in range(n_vec)]
 
-            values = when(has_res_v, results,
-                          lambda vs: [builder.fadd(a, b) for a, b in zip(vs, lane_vectors(res_ptr, r_v))], "residual")
-            values = [builder.select(relu_v, builder.select(builder.fcmp_ordered("<", v, zero), zero, v), v)
-                      for v in values]
-            values = when(has_mask_v, values,
-                          lambda vs: [builder.select(builder.fcmp_unordered("!=", k, zero), v, zero)
-                                      for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
-            out_row = builder.gep(out_ptr, [o_v])
-            for v, value in enumerate(values):
-                store(value, builder.gep(out_row, [ir.Constant(i64, n_lanes * v)]), v)
-            return context.get_dummy_value()
+        values = when(has_res_v, results,
+                      lambda vs: [builder.fadd(a, b) for a, b in zip(vs, lane_vectors(res_ptr, r_v))], "residual")
+        values = [builder.select(relu_v, builder.select(builder.fcmp_ordered("<", v, zero), zero, v), v)
+                  for v in values]
+        values = when(has_mask_v, values,
+                      lambda vs: [builder.select(builder.fcmp_unordered("!=", k, zero), v, zero)
+                                  for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
+        out_row = builder.gep(out_ptr, [o_v])
+        for v, value in enumerate(values):
+            store(value, builder.gep(out_row, [ir.Constant(i64, n_lanes * v)]), v)
+        return context.get_dummy_value()
 
-        return sig, codegen
+    if gapped:
+        @intrinsic
+        def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                  mask, m, has_mask, gap):
+            """As the plain strip, but its second half of vectors reads x `gap` elements further on: two output
+            cells of a strided lanes conv, whose inputs are not adjacent, share each nonzero's loads."""
+            return types.void(*signature_of(x, indices, values, out, res, mask), types.intp), codegen
+    else:
+        @intrinsic
+        def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                  mask, m, has_mask):
+            return types.void(*signature_of(x, indices, values, out, res, mask)), codegen
 
     return strip
 
@@ -209,6 +224,10 @@ strip8 = _make_strip(2 * STRIP_VECTORS)
 # 4 vectors over 2 accumulator sets: 4 FMA chains wait on each other's latency only when x is in L1 (a
 # 128-column slab at batch 64: 40 -> 55 GMAC/s on one core; from L2 both run ~28). For column-blocked SpMMs.
 strip4_split = _make_strip(STRIP_VECTORS, n_sets=2)
+# Two cells of a strided lanes conv (batch 16, 32 or 64 per cell) per strip: one vector per cell left the
+# FMA chains waiting on each other (the 4-vector strip of one 64-lane cell ran at half the FMA rate).
+strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True) for n in (2, 4, 2 * STRIP_VECTORS))
+PAIR_CELL_SIZES = (16, 32, 64)  # floats a cell may hold for `cell_pair_strip`
 
 
 @njit(inline="always", nogil=True)
@@ -246,3 +265,18 @@ def wide_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, re
         if n_valid > half:
             row_strip(x, x0 + half, stride, indices, values, k0, k1, init, out, o + half, n_valid - half, res,
                       r + half, has_res, relu, mask, m + half, has_mask)
+
+
+@njit(inline="always", nogil=True)
+def cell_pair_strip(x, x0, gap, indices, values, k0, k1, init, out, o, cell, res, r, has_res, relu):
+    """Two output cells of `cell` floats each (one of PAIR_CELL_SIZES), adjacent in out and res, whose
+    inputs lie `gap` elements apart in x: one gapped strip."""
+    if cell == 4 * VECTOR_BYTES // x.itemsize:
+        strip8_gap(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * cell, res, r, has_res, relu, res, 0, False,
+                   gap)
+    elif cell == 2 * VECTOR_BYTES // x.itemsize:
+        strip4_gap(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * cell, res, r, has_res, relu, res, 0, False,
+                   gap)
+    else:
+        strip2_gap(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * cell, res, r, has_res, relu, res, 0, False,
+                   gap)

@@ -852,7 +852,10 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         out = res[0]
     elif pool is None:
         out = b.alloc(out_channels * plane_out)
-    cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes) if (sh, sw) == (1, 1) else 1
+    if (sh, sw) == (1, 1):
+        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
+    else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
+        cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
     for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
         r_indptr, r_indices, r_values = drop_dead_taps(indptr, indices, values, taps, live, compact=False)
         offsets = kernels.lane_offsets(r_indices, kernel_size, dilation, plane_in, wq_in, lanes)

@@ -536,11 +536,12 @@ class _ConvResidual(nn.Module):
 
 @pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
-@pytest.mark.parametrize("batch", [16, 20])
+@pytest.mark.parametrize("batch", [16, 20, 40, 64])
 def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     """Every conv geometry through the lanes kernel, with fused bias, residual and ReLU; batch 20 leaves
     12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border. "always": every conv whose
-    map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many."""
+    map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many.
+    Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40)."""
     from sparsert import plan as plan_module
     if regions == "always":
         monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
@@ -551,6 +552,10 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     x = torch.randn(batch, 8, 13, 11)
     plan = sparse.plan_for(x)
     assert _lane_convs(plan) == 2
+    from sparsert.kernels import executor as ex
+    cells_per_strip = {int(row[2 + 14]) for row in plan.ops if row[0] == ex.LANE_CONV}
+    if CONV_CONFIGS[config].get("stride", 1) in (2, (2, 2)):
+        assert cells_per_strip == ({1} if batch == 40 else {2})
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
