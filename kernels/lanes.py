@@ -114,6 +114,18 @@ def window_max(src, s0, ny, nx, row_step, cell_step, dst, d, lanes):
 
 
 @njit(inline="always", nogil=True)
+def pool_row(src, origin, height, width, row_step, kernel, stride, pad, oy, out_w, lanes, dst):
+    """Max-pool output row oy of one channel: a map of height x width cells of `lanes` floats in src, cell
+    (0, 0) at origin, rows row_step apart, cells adjacent; written to the interior of dst, a lanes plane of
+    out_w + 2 cells a row (border 1). Window cells outside the map never win."""
+    y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, height)
+    for ox in range(out_w):
+        x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, width)
+        window_max(src, origin + y_lo * row_step + x_lo * lanes, y_hi - y_lo, x_hi - x_lo, row_step, lanes, dst,
+                   ((oy + 1) * (out_w + 2) + ox + 1) * lanes, lanes)
+
+
+@njit(inline="always", nogil=True)
 def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out, dst, add, has_add, relu):
     """One row nonzeros' sum over n_cells neighbouring output cells, from src (their first input cell) into
     out at dst (adding add[dst..] when has_add). At stride 1 the cells' inputs are adjacent: strips of up to
@@ -184,7 +196,6 @@ def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias
     which the pool read back: both ran at memory speed."""
     n_out = out.shape[0]
     n_blocks = block_ptr.shape[1] - 1
-    wq_out = out_w + 2
     map_len = conv_h * conv_w * lanes
     zero = data[:0].sum()  # 0 in the weights' dtype
     for item in prange((n_out + co_block - 1) // co_block):
@@ -203,13 +214,9 @@ def _lane_conv_maxpool(block_ptr, offsets, data, x, origin, step_y, step_x, bias
                         cells_strip(x, src, step_x, lanes, n_cells, offsets, data, block_ptr[co, b], block_ptr[co, b + 1],
                                     bias[co] if first else zero, maps, dst, maps, not first, relu and last)
         for i in range(n_co):
-            dst_plane = out[co_first + i]
             for oy in range(out_h):
-                y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, conv_h)
-                for ox in range(out_w):
-                    x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, conv_w)
-                    window_max(maps, i * map_len + (y_lo * conv_w + x_lo) * lanes, y_hi - y_lo, x_hi - x_lo,
-                               conv_w * lanes, lanes, dst_plane, ((oy + 1) * wq_out + ox + 1) * lanes, lanes)
+                pool_row(maps, i * map_len, conv_h, conv_w, conv_w * lanes, kernel, stride, pad, oy, out_w, lanes,
+                         out[co_first + i])
 
 
 def channel_block_ptr(indptr, columns, taps: int, chans_per_block: int, n_chan: int) -> np.ndarray:
@@ -294,15 +301,11 @@ def _lane_maxpool(x, height, width, border, kernel, stride, pad, out, out_h, out
     propagates, as in torch). Out: out[C, plane_out], interior cells only (border 1 zeroed by the caller).
     Each window's running max stays in registers (`window_max`): Numba's own loop over a cell's lanes kept it
     in memory behind an aliasing check, ~1.3 values a cycle."""
-    wq, wq_out = width + 2 * border, out_w + 2
+    wq = width + 2 * border
     for cy in prange(out.shape[0] * out_h):
         c, oy = cy // out_h, cy % out_h
-        src, dst = x[c], out[c]
-        y_lo, y_hi = max(oy * stride - pad, 0), min(oy * stride - pad + kernel, height)
-        for ox in range(out_w):
-            x_lo, x_hi = max(ox * stride - pad, 0), min(ox * stride - pad + kernel, width)
-            window_max(src, ((y_lo + border) * wq + x_lo + border) * lanes, y_hi - y_lo, x_hi - x_lo, wq * lanes, lanes,
-                       dst, ((oy + 1) * wq_out + ox + 1) * lanes, lanes)
+        pool_row(x[c], (border * wq + border) * lanes, height, width, wq * lanes, kernel, stride, pad, oy, out_w, lanes,
+                 out[c])
 
 
 def _lane_avgpool(x, n_img, height, width, border, lanes, out):

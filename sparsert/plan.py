@@ -466,12 +466,25 @@ def _flatten(b, buf):
     return (off, "features", (c * h * w, n))
 
 
-def _lower_maxpool(b, m: nn.MaxPool2d, buf):
+def _maxpool_window(m: nn.MaxPool2d):
+    """(kernel, stride, pad) of a square, dilation-1, floor-mode max pool (the kernels' only kind), else None."""
     k, s, pad, d = (m.kernel_size, m.stride, m.padding, m.dilation)
     if not all(isinstance(v, int) for v in (k, s, pad, d)) or d != 1 or m.ceil_mode or m.return_indices:
+        return None
+    return k, s, pad
+
+
+def _pooled_size(h: int, w: int, k: int, s: int, pad: int) -> tuple[int, int]:
+    return (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+
+
+def _lower_maxpool(b, m: nn.MaxPool2d, buf):
+    window = _maxpool_window(m)
+    if window is None:
         raise Unsupported("maxpool other than square, dilation 1, floor mode")
+    k, s, pad = window
     c, n, h, w = buf[2]
-    out_h, out_w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    out_h, out_w = _pooled_size(h, w, k, s, pad)
     if buf[1] == "lanes":
         lanes, _, _, plane_in = lane_geometry(n, h, w)
         plane_out = lane_geometry(n, out_h, out_w)[3]
@@ -800,10 +813,7 @@ def _sole_maxpool(b: _Builder, node):
         return None
     user = next(iter(node.users))
     m = b.modules.get(user.target) if user.op == "call_module" else None
-    if not isinstance(m, nn.MaxPool2d) or user.kwargs or len(user.args) != 1:
-        return None
-    k, s, pad, d = (m.kernel_size, m.stride, m.padding, m.dilation)
-    if not all(isinstance(v, int) for v in (k, s, pad, d)) or d != 1 or m.ceil_mode or m.return_indices:
+    if not isinstance(m, nn.MaxPool2d) or user.kwargs or len(user.args) != 1 or _maxpool_window(m) is None:
         return None
     return user, m
 
@@ -839,18 +849,18 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     native_res = res is not None and res[1] == "lanes"
     if res is not None:
         res = _lanes(b, res)
-    if pool is not None and len(regions) == 1 and res is None:
+    if len(regions) > 1 or res is not None:
+        pool = None
+    if pool is not None:
         # The unfused pair wrote and re-read the whole conv map: torchvision resnet18's stem at batch 64 is a
         # 5.3 MB map, and conv and pool both ran at memory speed.
-        k, s, pad = pool.kernel_size, pool.stride, pool.padding
-        pool_h, pool_w = (out_h + 2 * pad - k) // s + 1, (out_w + 2 * pad - k) // s + 1
+        k, s, pad = _maxpool_window(pool)
+        pool_h, pool_w = _pooled_size(out_h, out_w, k, s, pad)
         plane_pool = lane_geometry(n, pool_h, pool_w)[3]
         out = b.alloc(out_channels * plane_pool)
-    else:
-        pool = None
-    if pool is None and native_res and _may_overwrite(b, res, x, out_channels * plane_out):
+    elif native_res and _may_overwrite(b, res, x, out_channels * plane_out):
         out = res[0]
-    elif pool is None:
+    else:
         out = b.alloc(out_channels * plane_out)
     if (sh, sw) == (1, 1):
         cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
