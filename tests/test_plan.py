@@ -502,10 +502,12 @@ def test_grid_conv_as_the_last_layer_returns_dense_nchw():
 
 # ------------------------------------------------------------------------- batch-in-lanes activations
 def _lane_convs(plan):
-    """Convs run on lanes. A conv split into regions is several LANE_CONV ops; its first zeroes the border.
+    """Convs run on lanes. A conv split into regions is several LANE_CONV ops; its first starts at output cell
+    (0, 0) (first output cell, param 22, one row plus one cell past the plane's start; param 24: cells per row).
     A conv fused with its max pool is one LANE_CONV_MAXPOOL op."""
     from sparsert.kernels import executor as ex
-    return sum(1 for row in plan.ops if (row[0] == ex.LANE_CONV and row[2 + 23] != 0) or row[0] == ex.LANE_CONV_MAXPOOL)
+    return sum(1 for row in plan.ops if (row[0] == ex.LANE_CONV and row[2 + 22] == row[2 + 24] + 1)
+               or row[0] == ex.LANE_CONV_MAXPOOL)
 
 
 def _run_on_nan_arena(sparse, x):
@@ -891,3 +893,78 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec():
     assert (plan.ops[:, 0] == ex.LINEAR_SLICED).sum() == 1 and (plan.ops[:, 0] == ex.LINEAR_CSR).sum() == 1
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _BorderReaders(nn.Module):
+    """a (3x3) feeds b (3x3, whole map: reads a's zero border); b feeds only c (1x1: interior); c feeds only the
+    output. On a 1x1 map a 3x3 conv keeps its centre tap alone, which never reads the border either."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _masked(nn.Conv2d(4, 8, 3, padding=1), 0.3)
+        self.b = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
+        self.c = _masked(nn.Conv2d(8, 8, 1), 0.3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("size", [9, 1])
+def test_lane_convs_zero_their_output_border_only_where_a_reader_reads_it(size):
+    """Zeroing a border no reader reads costs memory bandwidth: a 512-channel 1x1 map at batch 64 is 8/9
+    border. Over a NaN arena, an unzeroed border that some conv does read would show as NaN."""
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = _BorderReaders().eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 4, size, size)
+    plan = sparse.plan_for(x)
+    convs = [row for row in plan.ops if row[0] == ex.LANE_CONV]
+    assert len(convs) == 3  # whole-map ops: 9x9 maps gain too little from regions, a 1x1 map has one
+    zeroes = [int(row[2 + 23] != 0) for row in convs]
+    assert zeroes == ([1, 0, 0] if size == 9 else [0, 0, 0])
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _ReluBeside(nn.Module):
+    """y = a(x) has two readers, so relu(y) runs as its own op (elementwise over whole planes, border cells
+    included) before b, a 3x3 conv that reads relu(y)'s border: a must zero y's border for it. c (1x1) reads
+    y's interior only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _masked(nn.Conv2d(4, 8, 3, padding=1), 0.3)
+        self.b = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
+        self.c = _masked(nn.Conv2d(8, 8, 1), 0.3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.relu(y)) + self.c(y)
+
+
+class _AddBefore(nn.Module):
+    """A conv kept dense stays out of fuse.py, so the add of its output runs as its own op: the sum's border is
+    the inputs' borders added, and the 3x3 conv after it reads that border."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Conv2d(4, 8, 3, padding=1)
+        self.sparse = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
+        self.after = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
+
+    def forward(self, x):
+        y = self.dense(x)
+        return self.after(self.sparse(torch.relu(y)) + y)
+
+
+@pytest.mark.parametrize("model_cls,op", [(_ReluBeside, "RELU"), (_AddBefore, "ADD")])
+def test_an_elementwise_reader_keeps_its_inputs_border_zeroed(model_cls, op):
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(16, 4, 9, 9)
+    plan = sparse.plan_for(x)
+    assert getattr(ex, op) in plan.ops[:, 0].tolist()
+    assert [int(row[2 + 23] != 0) for row in plan.ops if row[0] == ex.LANE_CONV][:2] == [1, 1]
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
