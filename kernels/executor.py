@@ -146,42 +146,42 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 from_lanes_seq(src, n_img, height, width, 1, p[6], dst)
         elif code == LANE_CONV:
             # p: x, C_in, plane_in, out, C_out, plane_out, residual (-1: none), relu, origin, step_y, step_x,
-            #    OH, OW, lanes, cells_per_strip, co_block, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias,
-            #    first output cell, output rows with border (0: leave the border, another region op zeroes it),
+            #    OH, OW, lanes, cells_per_strip, co_block, block bounds (u32 [C_out, 2 n_blocks]), n_blocks, tap offsets,
+            #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
             #    output cells per row with border
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
             res = arena[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5])) if has_res else out
-            block_ptr = u32[p[16]:p[16] + p[4] * (p[17] + 1)].reshape((p[4], p[17] + 1))
+            bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
             offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
             if par:
                 if p[23]:
                     zero_border_par(out, p[23], p[24], 1, p[13])
-                lane_conv_par(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
                               out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
             else:
                 if p[23]:
                     zero_border_seq(out, p[23], p[24], 1, p[13])
-                lane_conv_seq(block_ptr, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
                               out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
         elif code == LANE_CONV_MAXPOOL:
             # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
-            #    lanes, cells_per_strip, block_ptr (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,
+            #    lanes, cells_per_strip, block bounds (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,
             #    pool stride, pool pad, pooled OH, pooled OW, co_block, scratch, scratch rows (threads)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
-            block_ptr = u32[p[14]:p[14] + p[4] * (p[15] + 1)].reshape((p[4], p[15] + 1))
+            bounds = u32[p[14]:p[14] + p[4] * 2 * p[15]].reshape((p[4], 2 * p[15]))
             offsets, values, bias = u32[p[16]:p[16] + p[17]], f32[p[18]:p[18] + p[17]], f32[p[19]:p[19] + p[4]]
             maps_len = p[25] * p[10] * p[11] * p[12]
             scratch = arena[p[26]:p[26] + p[27] * maps_len].reshape((p[27], maps_len))
             if par:
                 zero_border_par(out, p[23] + 2, p[24] + 2, 1, p[12])
-                lane_conv_maxpool_par(block_ptr, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
+                lane_conv_maxpool_par(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
                                       p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
             else:
                 zero_border_seq(out, p[23] + 2, p[24] + 2, 1, p[12])
-                lane_conv_maxpool_seq(block_ptr, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
+                lane_conv_maxpool_seq(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
                                       p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
         elif code == LANE_MAXPOOL:
             # p: in, out, C, H, W, OH, OW, kernel, stride, pad, lanes, plane_in, plane_out (border 1 in and out)

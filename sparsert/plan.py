@@ -909,18 +909,21 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             raise Unsupported("lanes activation past 2**32 elements")
         # The block rule as measured (over all taps; counting live taps only ran 1x1 maps ~10% slower).
         block = lane_channel_block(c, taps, lanes, len(r_indices) / max(1, out_channels * c * taps))
-        block_ptr = kernels.channel_block_ptr(r_indptr, r_indices, taps, block, c)
         segments = -(-cols // cells_per_strip)
         co_block = LANE_CO_BLOCK
         while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
             co_block //= 2  # a small region still gives every thread work
+        if pool is not None:
+            co_block = pool_co_block(out_channels, rows * cols * lanes)
+        bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
+        offsets, r_values = offsets[order], np.asarray(r_values)[order]
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
         if pool is not None:
-            co_block, threads = pool_co_block(out_channels, rows * cols * lanes), numba.config.NUMBA_NUM_THREADS
+            threads = numba.config.NUMBA_NUM_THREADS
             scratch = b.alloc(threads * co_block * rows * cols * lanes)
             b.emit(ex.LANE_CONV_MAXPOOL, len(r_indices) * lanes * rows * cols + out_channels * lanes * pool_h * pool_w * k * k,
                    x[0], c, plane_in, out, out_channels, plane_pool, int(relu), origin, sh * wq_in, sw, rows, cols, lanes,
-                   cells_per_strip, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets),
+                   cells_per_strip, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets),
                    len(r_indices), b.weights_f32(r_values), b.weights_f32(bias), k, s, pad, pool_h, pool_w, co_block,
                    scratch, threads)
             b.free(scratch)
@@ -930,7 +933,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             b.border_rows.add(len(b.rows))
         b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
                -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
-               co_block, b.weights_u32(block_ptr), block_ptr.shape[1] - 1, b.weights_u32(offsets), len(r_indices),
+               co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
                b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1, hq_out if i == 0 else 0,
                wq_out)
     return (out, "lanes", (out_channels, n, out_h, out_w)), False

@@ -636,3 +636,29 @@ def test_cache_is_emptied_when_any_kernel_source_changes(tmp_path):
     stamp.write_text("sources as they were before an edit")
     run()
     assert not stale.exists() and stamp.read_text() == digest
+
+
+@pytest.mark.parametrize("rows,n_chan,taps,chans_per_block,group", [(10, 7, 9, 3, 4), (64, 64, 9, 14, 64), (5, 4, 1, 8, 2),
+                                                                     (3, 6, 9, 2, 1)])
+def test_channel_blocks_order_each_block_pass_contiguously(rows, n_chan, taps, chans_per_block, group):
+    """Every nonzero lands once; (row, block) segments hold exactly that row's nonzeros of that block, in CSR
+    order; inside a group of rows, block b's segments follow each other row by row."""
+    from sparsert.kernels import channel_blocks
+    dense = np.random.default_rng(rows).random((rows, n_chan * taps)) < 0.3
+    dense[0] = False  # an empty row
+    indptr = np.concatenate([[0], np.cumsum(dense.sum(axis=1))])
+    columns = np.nonzero(dense)[1]
+    bounds, order = channel_blocks(indptr, columns, taps, chans_per_block, n_chan, group)
+    n_blocks = -(-n_chan // chans_per_block)
+    assert bounds.shape == (rows, 2 * n_blocks) and bounds.dtype == np.uint32
+    assert sorted(order.tolist()) == list(range(len(columns)))
+    position = 0
+    for first in range(0, rows, group):
+        for b in range(n_blocks):
+            for r in range(first, min(rows, first + group)):
+                start, end = int(bounds[r, 2 * b]), int(bounds[r, 2 * b + 1])
+                assert start == position
+                want = [k for k in range(indptr[r], indptr[r + 1]) if columns[k] // (chans_per_block * taps) == b]
+                assert order[start:end].tolist() == want
+                position = end
+    assert position == len(columns)
