@@ -896,17 +896,25 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec():
 
 
 class _BorderReaders(nn.Module):
-    """a (3x3) feeds b (3x3, whole map: reads a's zero border); b feeds only c (1x1: interior); c feeds only the
-    output. On a 1x1 map a 3x3 conv keeps its centre tap alone, which never reads the border either."""
+    """Three convs: a (3x3), b (3x3) and c (1x1).
+    "chain": a feeds b (3x3, whole map: reads a's zero border); b feeds only c (1x1: interior); c only the
+    output. On a 1x1 map a 3x3 conv keeps its centre tap alone, which never reads the border either.
+    "relu beside": y = a(x) has two readers, so relu(y) runs as its own op (elementwise over whole planes,
+    border cells included) before b, which reads relu(y)'s border: a must zero y's border for it; c reads
+    y's interior only."""
 
-    def __init__(self):
+    def __init__(self, wiring="chain"):
         super().__init__()
+        self.wiring = wiring
         self.a = _masked(nn.Conv2d(4, 8, 3, padding=1), 0.3)
         self.b = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
         self.c = _masked(nn.Conv2d(8, 8, 1), 0.3)
 
     def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        y = self.a(x)
+        if self.wiring == "chain":
+            return self.c(torch.relu(self.b(torch.relu(y))))
+        return self.b(torch.relu(y)) + self.c(y)
 
 
 @pytest.mark.parametrize("size", [9, 1])
@@ -926,22 +934,6 @@ def test_lane_convs_zero_their_output_border_only_where_a_reader_reads_it(size):
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
-class _ReluBeside(nn.Module):
-    """y = a(x) has two readers, so relu(y) runs as its own op (elementwise over whole planes, border cells
-    included) before b, a 3x3 conv that reads relu(y)'s border: a must zero y's border for it. c (1x1) reads
-    y's interior only."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = _masked(nn.Conv2d(4, 8, 3, padding=1), 0.3)
-        self.b = _masked(nn.Conv2d(8, 8, 3, padding=1), 0.3)
-        self.c = _masked(nn.Conv2d(8, 8, 1), 0.3)
-
-    def forward(self, x):
-        y = self.a(x)
-        return self.b(torch.relu(y)) + self.c(y)
-
-
 class _AddBefore(nn.Module):
     """A conv kept dense stays out of fuse.py, so the add of its output runs as its own op: the sum's border is
     the inputs' borders added, and the 3x3 conv after it reads that border."""
@@ -957,11 +949,12 @@ class _AddBefore(nn.Module):
         return self.after(self.sparse(torch.relu(y)) + y)
 
 
-@pytest.mark.parametrize("model_cls,op", [(_ReluBeside, "RELU"), (_AddBefore, "ADD")])
-def test_an_elementwise_reader_keeps_its_inputs_border_zeroed(model_cls, op):
+@pytest.mark.parametrize("make,op", [(lambda: _BorderReaders("relu beside"), "RELU"), (_AddBefore, "ADD")],
+                         ids=["relu", "add"])
+def test_an_elementwise_reader_keeps_its_inputs_border_zeroed(make, op):
     from sparsert.kernels import executor as ex
     torch.manual_seed(0)
-    model = model_cls().eval()
+    model = make().eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
     x = torch.randn(16, 4, 9, 9)
     plan = sparse.plan_for(x)
