@@ -229,20 +229,18 @@ def channel_blocks(indptr, columns, taps: int, chans_per_block: int, n_chan: int
     n_blocks = max(1, -(-n_chan // chans_per_block))
     indptr = np.asarray(indptr).astype(np.int64)
     rows = len(indptr) - 1
+
+    def rank(row, block):  # position of a (row, block) segment in the new order
+        return (row // group * n_blocks + block) * rows + row
+
     row = np.repeat(np.arange(rows), np.diff(indptr))
-    block = np.minimum(np.asarray(columns).astype(np.int64) // (chans_per_block * taps), n_blocks - 1)
-    rank = (row // group * n_blocks + block) * rows + row  # stable sort on it: CSR order within a (row, block)
-    order = np.argsort(rank, kind="stable")
-    counts = np.bincount(row * n_blocks + block, minlength=rows * n_blocks).reshape(rows, n_blocks)
-    r, b = np.meshgrid(np.arange(rows), np.arange(n_blocks), indexing="ij")
-    cell_rank = ((r // group * n_blocks + b) * rows + r).reshape(-1)
-    cell_order = np.argsort(cell_rank, kind="stable")
-    sorted_counts = counts.reshape(-1)[cell_order]
-    starts = np.empty(rows * n_blocks, np.int64)
-    starts[cell_order] = np.cumsum(sorted_counts) - sorted_counts
-    starts = starts.reshape(rows, n_blocks)
+    nonzero_rank = rank(row, np.minimum(np.asarray(columns).astype(np.int64) // (chans_per_block * taps), n_blocks - 1))
+    order = np.argsort(nonzero_rank, kind="stable")  # stable: CSR order within a segment
+    segment_rank = rank(*np.meshgrid(np.arange(rows), np.arange(n_blocks), indexing="ij"))
+    ranked = nonzero_rank[order]
     bounds = np.empty((rows, 2 * n_blocks), np.int64)
-    bounds[:, 0::2], bounds[:, 1::2] = starts, starts + counts
+    bounds[:, 0::2] = np.searchsorted(ranked, segment_rank, side="left")
+    bounds[:, 1::2] = np.searchsorted(ranked, segment_rank, side="right")
     return bounds.astype(np.uint32), order
 
 

@@ -909,12 +909,13 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             raise Unsupported("lanes activation past 2**32 elements")
         # The block rule as measured (over all taps; counting live taps only ran 1x1 maps ~10% slower).
         block = lane_channel_block(c, taps, lanes, len(r_indices) / max(1, out_channels * c * taps))
-        segments = -(-cols // cells_per_strip)
-        co_block = LANE_CO_BLOCK
-        while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
-            co_block //= 2  # a small region still gives every thread work
         if pool is not None:
             co_block = pool_co_block(out_channels, rows * cols * lanes)
+        else:
+            segments = -(-cols // cells_per_strip)
+            co_block = LANE_CO_BLOCK
+            while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
+                co_block //= 2  # a small region still gives every thread work
         bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
         offsets, r_values = offsets[order], np.asarray(r_values)[order]
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
