@@ -18,7 +18,7 @@ from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpo
                     lane_conv_maxpool_seq, lane_conv_par, lane_conv_seq,
                     lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
 from .layout import rows_to_features_par, rows_to_features_seq
-from .sliced import sliced_matvec_par, sliced_matvec_seq
+from .sliced import sliced_matvec
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_blocked_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
@@ -72,7 +72,7 @@ global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
 def run_plan(ops, arena, f32, u32, u16, u8, x):
     """Execute `ops` in order. x: the network input (flattened); arena: activations and scratch;
     f32 / u32 / u16 / u8: weights (u16 holds the index arrays that fit it: 2 bytes a nonzero fewer to
-    stream, 1.3x on weight-bound layers; u8 the sliced matvec's column steps). Every buffer is a slice of arena at an offset the builder chose."""
+    stream, 1.3x on weight-bound layers, and the sliced matvec's 2-byte column steps; u8 its 1-byte ones). Every buffer is a slice of arena at an offset the builder chose."""
     for r in range(ops.shape[0]):
         op = ops[r]
         code, par = op[0], op[1] != 0
@@ -268,17 +268,20 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             else:
                 csr_spmm_dispatch(indptr, u32[p[8]:p[8] + p[9]], values, xt, bias, out, False, relu, out, par)
         elif code == LINEAR_SLICED:
-            # p: in, out, in_f, out_f, relu, slice_ptr, n_ptr, steps (u8), values, n_stored, first_col, lengths,
-            #    rows, lanes, bias, sums (arena scratch of `lanes` floats); see kernels/sliced.py
+            # p: in, out, in_f, out_f, relu, slice_ptr, n_ptr, steps, values, n_stored, first_col, lengths,
+            #    rows, lanes, bias, sums (arena scratch of `lanes` floats), steps in u16 (else u8); see
+            #    kernels/sliced.py
             n_lanes = p[13]
             x_in, out, sums = arena[p[0]:p[0] + p[2]], arena[p[1]:p[1] + p[3]], arena[p[15]:p[15] + n_lanes]
-            slice_ptr, steps, values = u32[p[5]:p[5] + p[6]], u8[p[7]:p[7] + p[9]], f32[p[8]:p[8] + p[9]]
+            slice_ptr, values = u32[p[5]:p[5] + p[6]], f32[p[8]:p[8] + p[9]]
             first_col, lengths, rows = u32[p[10]:p[10] + n_lanes], u32[p[11]:p[11] + n_lanes], u32[p[12]:p[12] + n_lanes]
             bias = f32[p[14]:p[14] + p[3]]
-            if par:
-                sliced_matvec_par(slice_ptr, steps, values, first_col, lengths, rows, bias, x_in, p[4] != 0, sums, out)
+            if p[16]:
+                sliced_matvec(slice_ptr, u16[p[7]:p[7] + p[9]], values, first_col, lengths, rows, bias, x_in, p[4] != 0,
+                              sums, out, par)
             else:
-                sliced_matvec_seq(slice_ptr, steps, values, first_col, lengths, rows, bias, x_in, p[4] != 0, sums, out)
+                sliced_matvec(slice_ptr, u8[p[7]:p[7] + p[9]], values, first_col, lengths, rows, bias, x_in, p[4] != 0,
+                              sums, out, par)
         elif code == MAXPOOL:  # p: in, out, C, N, H, W, OH, OW, kernel, stride, pad
             src = arena[p[0]:p[0] + p[2] * p[3] * p[4] * p[5]].reshape((p[2], p[3], p[4], p[5]))
             dst = arena[p[1]:p[1] + p[2] * p[3] * p[6] * p[7]].reshape((p[2], p[3], p[6], p[7]))

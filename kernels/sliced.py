@@ -1,22 +1,25 @@
-"""Batch-1 sparse matvec over sliced ELLPACK with 1-byte column steps (`sparsert.formats.sliced_ell`).
+"""Batch-1 sparse matvec over sliced ELLPACK with column steps (`sparsert.formats.sliced_ell`).
 
 At batch 1 a 10%-dense Linear(4096, 4096) streams its 10 MB of CSR (4-byte value, 2-byte column)
 from memory on every call, and the CSR matvec already runs near the bandwidth. Here each row stores
-its columns as steps of at most 255 from the previous one: 1 byte a nonzero instead of 2.
+its columns as steps of at most 255 from the previous one: 1 byte a nonzero instead of 2. Where some
+row steps further (most 2%-dense rows of 4096 columns do, somewhere), the steps take 2 bytes: such a
+layer's weights sit in L2 anyway, and the slices still beat the CSR matvec's row loop (1.4x on one core
+at 2%, bench/RESULTS.md).
 
 Rows go sorted by length into slices of 16, one row per vector lane; step s of a slice holds the s-th
-nonzero of each of its 16 rows, contiguously. Each step is then one 16-byte load of column steps
+nonzero of each of its 16 rows, contiguously. Each step is then one 16- or 32-byte load of column steps
 added to the lanes' running columns, one masked gather of x, one 64-byte load of values and one
 FMA: no horizontal sums and no per-row loop tails. Lanes past their row's length are masked off
 (their values are 0 and they read nothing). The epilogue adds bias, applies ReLU and scatters the 16
 sums to their rows.
 """
 from llvmlite import ir
-from numba import prange, types
+from numba import njit, prange, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._jit import declare_function, relu_or_identity, twin
+from ._jit import OPTIONS, declare_function, relu_or_identity, twin
 
 SLICE = 16
 
@@ -29,9 +32,9 @@ def sliced_rows(typingctx, x, steps, values, first_col, lengths, k0, n_steps, la
         raise TypingError("sliced_rows: arrays must be C-contiguous")
     if x.dtype != types.float32 or values.dtype != types.float32 or sums.dtype != types.float32:
         raise TypingError("sliced_rows: x, values and sums must be float32")
-    if steps.dtype != types.uint8 or not all(isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 32
-                                             for a in (first_col, lengths)):
-        raise TypingError("sliced_rows: steps must be uint8, first_col and lengths 32-bit integers")
+    if steps.dtype not in (types.uint8, types.uint16) or not all(
+            isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 32 for a in (first_col, lengths)):
+        raise TypingError("sliced_rows: steps must be uint8 or uint16, first_col and lengths 32-bit integers")
     sig = types.void(x, steps, values, first_col, lengths, types.intp, types.intp, types.intp, sums)
 
     def codegen(context, builder, signature, args):
@@ -66,7 +69,7 @@ def sliced_rows(typingctx, x, steps, values, first_col, lengths, k0, n_steps, la
         col.add_incoming(first_vec, entry)
         acc.add_incoming(zero, entry)
         k = builder.add(k0_v, builder.mul(s, ir.Constant(i64, SLICE)))
-        step = builder.zext(load(steps_ptr, k, ir.VectorType(ir.IntType(8), SLICE)), ivec)
+        step = builder.zext(load(steps_ptr, k, ir.VectorType(ir.IntType(steps.dtype.bitwidth), SLICE)), ivec)
         col_next = builder.add(col, step)
         s32 = builder.trunc(s, i32)
         s_vec = builder.shuffle_vector(builder.insert_element(ir.Constant(ivec, ir.Undefined), s32, ir.Constant(i32, 0)),
@@ -109,4 +112,14 @@ def _sliced_matvec(slice_ptr, steps, values, first_col, lengths, rows, bias, x, 
 
 sliced_matvec_par, sliced_matvec_seq = twin(_sliced_matvec)
 
-__all__ = ["SLICE", "sliced_matvec_par", "sliced_matvec_seq"]
+
+@njit(**OPTIONS)
+def sliced_matvec(slice_ptr, steps, values, first_col, lengths, rows, bias, x, relu, sums, out, parallel):
+    """`_sliced_matvec` on the parallel twin when asked: one call site per step width for the plan executor."""
+    if parallel:
+        sliced_matvec_par(slice_ptr, steps, values, first_col, lengths, rows, bias, x, relu, sums, out)
+    else:
+        sliced_matvec_seq(slice_ptr, steps, values, first_col, lengths, rows, bias, x, relu, sums, out)
+
+
+__all__ = ["SLICE", "sliced_matvec", "sliced_matvec_par", "sliced_matvec_seq"]

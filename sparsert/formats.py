@@ -192,13 +192,14 @@ def column_blocks(indptr, indices, data, n_rows: int, width: int):
 
 
 def sliced_ell(indptr, indices, data, n_rows: int):
-    """A CSR as sliced ELLPACK with 1-byte column steps, for `kernels.sliced_matvec_*`, or None when
-    some row steps more than 255 columns between two nonzeros (then 1 byte cannot hold it) or the
-    stored entries would pass 2^32 (slice_ptr is uint32).
+    """A CSR as sliced ELLPACK with column steps, for `kernels.sliced_matvec_*`: 1-byte steps where every
+    row steps at most 255 columns between two nonzeros, else 2-byte ones (a 2%-dense row of 4096 columns
+    steps past 255 somewhere in most matrices); None past 65535 or when the stored entries would pass
+    2^32 (slice_ptr is uint32).
 
     Rows are sorted by length (longest first) into slices of 16 lanes; entry s of lane l of slice q sits
     at slice_ptr[q] + 16 s + l, padded with zero values up to the slice's longest row. Returns
-    (slice_ptr uint32[n_slices + 1], steps uint8, values, first_col int32[16 n_slices],
+    (slice_ptr uint32[n_slices + 1], steps uint8 or uint16, values, first_col int32[16 n_slices],
     lengths int32[16 n_slices], rows int32[16 n_slices]): a lane's first nonzero is at column
     first_col (its step is 0), each later one `steps` further on; rows[l] is the lane's row."""
     indptr = np.asarray(indptr, dtype=np.int64)
@@ -208,8 +209,10 @@ def sliced_ell(indptr, indices, data, n_rows: int):
     steps = np.diff(columns, prepend=0)
     starts = indptr[:-1][lengths > 0]
     steps[starts] = 0
-    if steps.size and steps.max() > 255:
+    widest = int(steps.max()) if steps.size else 0
+    if widest > np.iinfo(np.uint16).max:
         return None
+    step_dtype = np.uint8 if widest <= np.iinfo(np.uint8).max else np.uint16
     order = np.argsort(-lengths, kind="stable")
     n_slices = -(-n_rows // 16)
     lane_of_row = np.empty(n_rows, np.int64)
@@ -226,7 +229,7 @@ def sliced_ell(indptr, indices, data, n_rows: int):
         return None
     lane = lane_of_row[row_of]
     position = slice_ptr[lane // 16] + (np.arange(columns.size) - indptr[row_of]) * 16 + lane % 16
-    stored_steps = np.zeros(slice_ptr[-1], np.uint8)
+    stored_steps = np.zeros(slice_ptr[-1], step_dtype)
     stored_steps[position] = steps
     stored_values = np.zeros(slice_ptr[-1], np.asarray(data).dtype)
     stored_values[position] = data

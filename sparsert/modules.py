@@ -120,9 +120,10 @@ class _SparseBase(nn.Module):
 
     def sliced_arrays(self):
         """The CSR as `formats.sliced_ell` arrays for the batch-1 matvec, or None where those cannot hold
-        it or the weights are not float32; cached."""
+        it, the weights are not float32 or the format is not CSR; cached."""
         def build(indptr, indices, values):
-            return sliced_ell(indptr, indices, values, self.sparse_shape[0]) if values.dtype == np.float32 else None
+            usable = self.format == "csr" and values.dtype == np.float32
+            return sliced_ell(indptr, indices, values, self.sparse_shape[0]) if usable else None
         return self._derived_arrays(("sliced",), build)
 
     def _derived_arrays(self, name: tuple, build):

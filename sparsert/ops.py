@@ -106,7 +106,7 @@ def linear_numba(x2d, layer):
         x = x2d.detach().contiguous().numpy()[0]
         par = _parallel(values.shape[0])
         sliced = layer.sliced_arrays()
-        if sliced is not None:  # 1-byte column steps: 5 bytes a nonzero to stream, not 6
+        if sliced is not None:  # 16 rows a slice, one gather a step; 1-byte column steps where they fit
             kernel = kernels.sliced_matvec_par if par else kernels.sliced_matvec_seq
             kernel(*sliced, bias, x, layer.relu, np.empty(sliced[3].shape[0], np.float32), out[0])
             CALLS["numba.sliced_matvec"] += 1

@@ -48,7 +48,7 @@ class Plan:
     ops: np.ndarray       # int64 [n_ops, 2 + N_PARAMS]
     f32: np.ndarray       # float32 weights and biases
     u32: np.ndarray       # uint32 index arrays
-    u16: np.ndarray       # uint16 index arrays (those whose values fit)
+    u16: np.ndarray       # uint16 index arrays (those whose values fit), 2-byte column steps of the sliced matvec
     u8: np.ndarray        # uint8 column steps of the batch-1 sliced matvec
     arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness)
     output: tuple         # (offset, layout, shape): where the result lies in the arena
@@ -233,12 +233,15 @@ class _Builder:
     def weights_u8(self, a) -> int:
         return self._store("u8", a, np.uint8)
 
+    def weights_u16(self, a) -> int:
+        return self._store("u16", a, np.uint16)
+
     def indices(self, a) -> tuple[int, int]:
         """Store an index array in u16 when its values fit, else u32: (offset, 1 if u16 else 0)."""
         a = np.asarray(a)
         if a.size and int(a.max()) >= 1 << 16:
             return self.weights_u32(a), 0
-        return self._store("u16", a, np.uint16), 1
+        return self.weights_u16(a), 1
 
     def emit(self, code: int, work: int, *params: int):
         if len(params) > ex.N_PARAMS:
@@ -562,13 +565,15 @@ def _lower_linear(b, m, buf, sparse: bool):
         indptr, indices, values, n_blocks = column_blocks(indptr, indices, values, m.out_features, ops.BLOCKED_WIDTH)
     sliced = sliced_ell(indptr, indices, values, m.out_features) if code == ex.LINEAR_CSR and n_batch == 1 else None
     if sliced is not None:
-        # Batch 1: the sliced matvec (1-byte column steps, kernels/sliced.py); `sums` is its scratch.
+        # Batch 1: the sliced matvec (1- or 2-byte column steps, kernels/sliced.py); `sums` is its scratch.
         slice_ptr, steps, stored, first_col, lengths, rows = sliced
         sums = b.alloc(lengths.size)
         b.temps.append(sums)
+        wide_steps = steps.dtype == np.uint16
         b.emit(ex.LINEAR_SLICED, stored.size, off_in, off, in_f, m.out_features, int(relu), b.weights_u32(slice_ptr),
-               slice_ptr.size, b.weights_u8(steps), b.weights_f32(stored), stored.size, b.weights_u32(first_col),
-               b.weights_u32(lengths), b.weights_u32(rows), lengths.size, b.weights_f32(bias), sums)
+               slice_ptr.size, b.weights_u16(steps) if wide_steps else b.weights_u8(steps), b.weights_f32(stored),
+               stored.size, b.weights_u32(first_col), b.weights_u32(lengths), b.weights_u32(rows), lengths.size,
+               b.weights_f32(bias), sums, int(wide_steps))
         return (off, "features", (m.out_features, n_batch))
     idx_off, idx_u16 = b.indices(indices) if code == ex.LINEAR_CSR else (b.weights_u32(indices), 0)
     b.emit(code, values.size * n_batch, off_in, off, in_f, m.out_features, n_batch, int(relu),

@@ -247,12 +247,15 @@ def test_column_blocks_hold_every_nonzero_once_in_its_block(shape, width, gen):
     assert indices.dtype == csr.indices.dtype and data.dtype == csr.data.dtype
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (40, 255), (33, 0)], ids=_ids)
-def test_sliced_ell_rebuilds_the_matrix(shape, gen):
-    w = sparse_matrix(shape, 0.3, gen).numpy()
+@pytest.mark.parametrize("shape, density", [((1, 1), 0.3), ((17, 33), 0.3), ((40, 255), 0.3), ((33, 0), 0.3),
+                                            ((20, 3000), 0.01)], ids=lambda v: _ids(v) if isinstance(v, tuple) else None)
+def test_sliced_ell_rebuilds_the_matrix(shape, density, gen):
+    w = sparse_matrix(shape, density, gen).numpy()
     w[1::4] = 0
     csr = CSR.from_dense(w)
     slice_ptr, steps, values, first_col, lengths, rows = sliced_ell(csr.indptr, csr.indices, csr.data, shape[0])
+    # 1% of 3000 columns steps past 255 somewhere: 2-byte steps
+    assert steps.dtype == (np.uint16 if shape[1] == 3000 else np.uint8)
     n_slices = slice_ptr.size - 1
     assert n_slices == -(-shape[0] // 16) and lengths.size == rows.size == first_col.size == 16 * n_slices
     assert sorted(rows[:shape[0]].tolist()) == list(range(shape[0])) and np.all(lengths[shape[0]:] == 0)
@@ -265,11 +268,18 @@ def test_sliced_ell_rebuilds_the_matrix(shape, gen):
     np.testing.assert_array_equal(rebuilt, w)
 
 
-def test_sliced_ell_refuses_steps_past_one_byte():
-    w = np.zeros((3, 600), np.float32)
-    w[1, [0, 255]] = 1  # a step of 255 fits
-    csr = CSR.from_dense(w)
-    assert sliced_ell(csr.indptr, csr.indices, csr.data, 3) is not None
-    w[2, [10, 266]] = 1  # 256 does not
-    csr = CSR.from_dense(w)
-    assert sliced_ell(csr.indptr, csr.indices, csr.data, 3) is None
+def test_sliced_ell_step_width():
+    """Steps up to 255 columns take 1 byte, up to 65535 two; past that there is no sliced form."""
+    def sliced(w):
+        csr = CSR.from_dense(w)
+        return sliced_ell(csr.indptr, csr.indices, csr.data, 3)
+
+    w = np.zeros((3, 70000), np.float32)
+    w[1, [0, 255]] = 1
+    assert sliced(w)[1].dtype == np.uint8
+    w[2, [10, 266]] = 1
+    assert sliced(w)[1].dtype == np.uint16
+    w[2, 266 + 65535] = 1
+    assert sliced(w)[1].dtype == np.uint16
+    w[0, [5, 5 + 65536]] = 1
+    assert sliced(w) is None

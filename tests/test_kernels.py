@@ -94,18 +94,19 @@ def test_linear_takes_column_blocks_where_they_pay_and_sees_weight_updates(gen, 
 
 # ------------------------------------------------------------------------------------ sliced matvec
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (40, 600), (300, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (40, 600), (300, 64), (40, 3000)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("variant", PAR_SEQ)
 def test_sliced_matvec(variant, shape, relu, gen):
     """Rows of unequal length share slices (masked lanes), empty rows get the bias, a partial last
-    slice writes only real rows; out starts as NaN."""
+    slice writes only real rows; out starts as NaN. 3000 columns at 1%: 2-byte steps."""
     from sparsert.formats import sliced_ell
-    w = sparse_matrix(shape, 0.3, gen)
+    w = sparse_matrix(shape, 0.01 if shape[1] == 3000 else 0.3, gen)
     w[::5] = 0
     if shape[0] > 2:
         w[2] = torch.randn(shape[1], generator=gen)  # one full row: the slice's other lanes pad
     csr = CSR.from_dense(w)
     sliced = sliced_ell(csr.indptr, csr.indices, csr.data, shape[0])
+    assert sliced[1].dtype == (np.uint16 if shape[1] == 3000 else np.uint8)
     x = torch.randn(shape[1], generator=gen).numpy()
     b = torch.randn(shape[0], generator=gen).numpy()
     out = np.full(shape[0], np.nan, np.float32)
@@ -133,9 +134,10 @@ def test_sliced_matvec_propagates_nan_only_through_stored_weights(gen):
     assert out[11] == x[0].item()
 
 
-def test_linear_batch1_takes_the_sliced_matvec_where_steps_fit(gen):
-    """float32 rows stepping <= 255 columns: the sliced matvec (counted), in-place weight updates seen;
-    a 300-column step or float64 weights: the CSR matvec."""
+def test_linear_batch1_takes_the_sliced_matvec(gen):
+    """float32 rows: the sliced matvec (counted), with 1-byte steps and, once a row steps 300 columns,
+    2-byte ones; in-place weight updates seen. float64 weights, or a row stepping past 65535 columns:
+    the CSR matvec."""
     w = sparse_matrix((24, 400), 0.3, gen)
     layer = SparseLinear(CSR.from_dense(w), torch.randn(24, generator=gen), backend="numba")
     x = torch.randn(1, 400, generator=gen)
@@ -144,14 +146,22 @@ def test_linear_batch1_takes_the_sliced_matvec_where_steps_fit(gen):
     with torch.no_grad():
         layer.values.mul_(-1)
     assert_close(layer(x), -(x @ w.T) + layer.bias)
-    assert ops.CALLS["numba.sliced_matvec"] == before.get("numba.sliced_matvec", 0) + 2
     w[7] = 0
     w[7, 0] = w[7, 300] = 1.0  # one step of 300 columns
-    for layer in (SparseLinear(CSR.from_dense(w), backend="numba"),
-                  SparseLinear(CSR.from_dense(w.double()), backend="numba")):
+    layer = SparseLinear(CSR.from_dense(w), backend="numba")
+    assert layer.sliced_arrays()[1].dtype == np.uint16
+    assert_close(layer(x), x @ w.T)
+    assert ops.CALLS["numba.sliced_matvec"] == before.get("numba.sliced_matvec", 0) + 3
+    wide = torch.zeros(24, 70000)
+    wide[:, :400] = w
+    wide[3, 66000] = 2.0  # a step of 65600 columns
+    xw = torch.randn(1, 70000, generator=gen)
+    for layer in (SparseLinear(CSR.from_dense(w.double()), backend="numba"),
+                  SparseLinear(CSR.from_dense(wide), backend="numba")):
         assert layer.sliced_arrays() is None
-        xx = x.to(layer.values.dtype)
-        assert_close(layer(xx), xx @ w.to(xx.dtype).T)
+        xx = (x if layer.in_features == 400 else xw).to(layer.values.dtype)
+        weight = w if layer.in_features == 400 else wide
+        assert_close(layer(xx), xx @ weight.to(xx.dtype).T)
     assert ops.CALLS["numba.csr_matvec"] == before.get("numba.csr_matvec", 0) + 2
 
 

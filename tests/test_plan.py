@@ -864,7 +864,7 @@ def test_plan_runs_column_blocked_linear_with_fused_relu(monkeypatch):
 
 def test_plan_runs_batch1_linears_on_the_sliced_matvec():
     """At batch 1 the plan's Linears run as LINEAR_SLICED ops (ReLU folded into the first), over a NaN
-    arena, against dense; one whose rows step past 255 columns stays on the CSR matvec."""
+    arena, against dense; one whose rows step past 255 columns takes 2-byte steps."""
     from sparsert.kernels import executor as ex
     from sparsert.plan import aligned_empty
     torch.manual_seed(0)
@@ -882,6 +882,7 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec():
     plan = sparse.plan_for(x)
     sliced = plan.ops[plan.ops[:, 0] == ex.LINEAR_SLICED]
     assert len(sliced) == 2 and sliced[0, 2 + 4] == 1 and sliced[1, 2 + 4] == 0
+    assert sliced[0, 2 + 16] == sliced[1, 2 + 16] == 0  # 1-byte steps
     plan._arena = aligned_empty(plan.arena_size)
     plan._arena[:] = np.nan
     with torch.no_grad():
@@ -890,7 +891,10 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec():
         model[0].weight[5, 0] = model[0].weight[5, 299] = 1.0  # a step of 299 columns
     sparse = sparsert.sparsify(model)
     plan = sparse.plan_for(x)
-    assert (plan.ops[:, 0] == ex.LINEAR_SLICED).sum() == 1 and (plan.ops[:, 0] == ex.LINEAR_CSR).sum() == 1
+    sliced = plan.ops[plan.ops[:, 0] == ex.LINEAR_SLICED]
+    assert len(sliced) == 2 and sliced[0, 2 + 16] == 1 and sliced[1, 2 + 16] == 0
+    plan._arena = aligned_empty(plan.arena_size)
+    plan._arena[:] = np.nan
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
 
