@@ -14,6 +14,10 @@ batch_size, num_cores) (compile time kept apart), one timed first call, the outp
 ONNX Runtime on the same input, then the same timing loop as sparsert.bench (median etc. in ms per
 batch). ONNX Runtime (dense, same thread count) is timed too, before DeepSparse, as a same-moment
 reference: both run in this one process, one engine at a time, each freed before the next.
+
+With --serve it is instead the DeepSparse half of bench/deepsparse_interleaved.py, which starts it and
+alternates it with sparsert case by case: one JSON request a line on stdin, one JSON reply a line on
+stdout (see `serve`).
 """
 from __future__ import annotations
 
@@ -86,11 +90,48 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime check and timing")
     p.add_argument("--out", default="deepsparse_results.json", help="JSON file to write")
+    p.add_argument("--serve", action="store_true", help="answer timing requests on stdin (for "
+                                                        "bench/deepsparse_interleaved.py) instead")
     return p.parse_args(argv)
+
+
+def serve(folder: Path, num_cores: int, requests=sys.stdin, replies=sys.stdout) -> int:
+    """Answer one request a line: {"file", "batch_size", "input" (a .npy of the batch), "seconds", "warmup",
+    "repeats", "output" (optional .npy path for the first call's result)}. The reply is a JSON line: the
+    timing loop's fields, plus compile_seconds when this request compiled the engine. One engine is kept:
+    a request for another (file, batch size) frees it and compiles the next. An empty line or EOF ends."""
+    import deepsparse
+    from deepsparse import compile_model
+
+    key, engine = None, None
+    print(json.dumps(dict(ready=True, version=deepsparse.__version__, numpy=np.__version__)), file=replies, flush=True)
+    for line in requests:
+        if not line.strip():
+            break
+        req = json.loads(line)
+        reply = {}
+        try:
+            x = np.load(req["input"])
+            if key != (req["file"], req["batch_size"]):
+                engine, key = None, None
+                gc.collect()
+                engine, reply["compile_seconds"] = timed(lambda: compile_model(
+                    str(folder / req["file"]), batch_size=req["batch_size"], num_cores=num_cores))
+                key = (req["file"], req["batch_size"])
+            if req.get("output"):
+                np.save(req["output"], engine.run([x])[0])
+            reply.update(measure(lambda: engine.run([x]), batch_size=req["batch_size"], repeats=req["repeats"],
+                                 min_time=req["seconds"], warmup=req["warmup"]))
+        except Exception as exc:  # reported to the driver, which names the case
+            reply = dict(error=f"{type(exc).__name__}: {exc}")
+        print(json.dumps(reply), file=replies, flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        return serve(Path(args.onnx_dir), args.num_cores)
     import deepsparse
     from deepsparse import compile_model
 
