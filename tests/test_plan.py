@@ -179,14 +179,9 @@ def test_plan_runs_whole_network_and_matches_dense(name, factory, shape, batch):
     x = torch.randn(batch, *shape)
     plan = sparse.plan_for(x)
     assert plan is not None
-    from sparsert.plan import aligned_empty
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan  # nothing may read arena memory its op did not write (grid borders, padding)
-    before = CALLS["numba.plan"]
+    out = _run_on_nan_arena(sparse, x)  # nothing may read arena memory its op did not write (grid borders, padding)
     with torch.no_grad():
-        out = sparse(x)
         ref = model(x)
-    assert CALLS["numba.plan"] == before + 1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -459,19 +454,14 @@ def test_grid_path_matches_dense_through_every_layout_transition(batch):
     assert grid_convs == 4  # a, b, c, d
     assert grid_out_convs >= 1  # down feeds d, so it writes a grid (skip takes d's output as its residual)
     assert packs_from_grid >= 2  # down and skip read c's grid output through PACK
-    from sparsert.plan import aligned_empty
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan  # every border a kernel fails to write would show as NaN
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+    # every border a kernel fails to write would show as NaN
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_grid_borders_stay_zero_over_a_nan_filled_arena():
     """Border cells compute from neighbouring images and the guard floats, which hold whatever the arena
     held: the mask must write exact zeros there, or garbage (here NaN everywhere) would leak into the
     next conv's padding."""
-    from sparsert.plan import aligned_empty
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
     for m in model:
@@ -481,10 +471,7 @@ def test_grid_borders_stay_zero_over_a_nan_filled_arena():
     x = torch.randn(3, 2, 17, 17)
     plan = sparse.plan_for(x)
     assert _grid_ops(plan)[0] == 2
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_grid_conv_as_the_last_layer_returns_dense_nchw():
@@ -853,20 +840,15 @@ def test_plan_runs_column_blocked_linear_with_fused_relu(monkeypatch):
     x = torch.randn(64, 256)
     plan = sparse.plan_for(x)
     from sparsert.kernels import executor as ex
-    from sparsert.plan import aligned_empty
     linear_ops = plan.ops[plan.ops[:, 0] == ex.LINEAR_CSR]
     assert linear_ops[0, 2 + 16] == 3 and linear_ops[0, 2 + 5] == 1  # 256 columns in 3 blocks, ReLU fused
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_runs_batch1_linears_on_the_sliced_matvec():
     """At batch 1 the plan's Linears run as LINEAR_SLICED ops (ReLU folded into the first), over a NaN
     arena, against dense; one whose rows step past 255 columns takes 2-byte steps."""
     from sparsert.kernels import executor as ex
-    from sparsert.plan import aligned_empty
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     for m in model:
@@ -883,20 +865,15 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec():
     sliced = plan.ops[plan.ops[:, 0] == ex.LINEAR_SLICED]
     assert len(sliced) == 2 and sliced[0, 2 + 4] == 1 and sliced[1, 2 + 4] == 0
     assert sliced[0, 2 + 16] == sliced[1, 2 + 16] == 0  # 1-byte steps
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
         model[0].weight[5] = 0
         model[0].weight[5, 0] = model[0].weight[5, 299] = 1.0  # a step of 299 columns
     sparse = sparsert.sparsify(model)
     plan = sparse.plan_for(x)
     sliced = plan.ops[plan.ops[:, 0] == ex.LINEAR_SLICED]
     assert len(sliced) == 2 and sliced[0, 2 + 16] == 1 and sliced[1, 2 + 16] == 0
-    plan._arena = aligned_empty(plan.arena_size)
-    plan._arena[:] = np.nan
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-5)
 
 
 class _BorderReaders(nn.Module):
