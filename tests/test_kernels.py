@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numba
+from numba import prange
 import numpy as np
 import pytest
 import torch
@@ -672,3 +673,31 @@ def test_channel_blocks_order_each_block_pass_contiguously(rows, n_chan, taps, c
                 assert order[start:end].tolist() == want
                 position = end
     assert position == len(columns)
+
+
+def _thread_ids(out):
+    for i in prange(out.size):  # the bare name, as in the kernels: the serial twin loads `range` in its place
+        out[i] = numba.get_thread_id()
+
+
+_thread_ids_par, _thread_ids_seq = kernels._jit.twin(_thread_ids)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two Numba threads")
+@pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")  # this twin's file is not under kernels/
+def test_serial_twin_runs_on_the_calling_thread():
+    """The serial twin compiles through the parallel pipeline (kernels/_jit.py) with every transformation off:
+    its prange must stay a plain loop, or a split batch would launch threads inside its threads."""
+    saved = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        ids = np.full(4096, -1, dtype=np.int64)
+        _thread_ids_par(ids)
+        assert set(ids.tolist()) == {0, 1}  # the parallel twin does use both
+        _thread_ids_seq(ids)
+        assert set(ids.tolist()) == {0}
+        ids32 = np.full(4096, -1, dtype=np.int32)  # a second compile: Numba once emptied the options it read
+        _thread_ids_seq(ids32)
+        assert set(ids32.tolist()) == {0}
+    finally:
+        numba.set_num_threads(saved)
