@@ -316,3 +316,10 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                         dst[c * hw + q, n] = src[c, n, q]
 
 
+@njit(parallel=True, **OPTIONS)
+def run_plan_parts(ops, arena, part_len, f32, u32, u16, u8, x, parts):
+    """A batch split into `parts` equal shares (sparsert.plan.batch_parts): each thread runs the serial plan
+    `ops` on its share of x (batch-major, so a contiguous slice) in its own part_len floats of arena."""
+    share = x.size // parts
+    for t in prange(parts):
+        run_plan(ops, arena[t * part_len:(t + 1) * part_len], f32, u32, u16, u8, x[t * share:(t + 1) * share])

@@ -50,9 +50,11 @@ class Plan:
     u32: np.ndarray       # uint32 index arrays
     u16: np.ndarray       # uint16 index arrays (those whose values fit), 2-byte column steps of the sliced matvec
     u8: np.ndarray        # uint8 column steps of the batch-1 sliced matvec
-    arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness)
-    output: tuple         # (offset, layout, shape): where the result lies in the arena
+    arena_size: int       # float32 elements of activations + scratch (buffers reused by liveness), all parts
+    output: tuple         # (offset, layout, shape): where (one part's share of) the result lies in its part
     input_shape: tuple
+    parts: int = 1        # batch split: the ops run once per part, on its share of the batch (see batch_parts)
+    part_len: int = 0     # float32 elements of one part's arena (its stride in the arena)
 
     def __post_init__(self):
         # One arena reused across calls: a fresh 100+ MB allocation per call cost more in page
@@ -73,10 +75,18 @@ class Plan:
         return self._run(aligned_empty(self.arena_size), x_flat)
 
     def _run(self, arena, x_flat) -> torch.Tensor:
-        ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
-        ops.CALLS["numba.plan"] += 1
         offset, layout, shape = self.output
-        out = torch.from_numpy(arena[offset:offset + self._output_size].reshape(shape).copy())
+        if self.parts == 1:
+            ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
+            out = arena[offset:offset + self._output_size].reshape(shape).copy()
+        else:
+            ex.run_plan_parts(self.ops, arena, self.part_len, self.f32, self.u32, self.u16, self.u8, x_flat,
+                              self.parts)
+            starts = range(offset, self.arena_size, self.part_len)
+            # Both layouts keep the batch on axis 1: the parts' shares join there, in one copy.
+            out = np.concatenate([arena[s:s + self._output_size].reshape(shape) for s in starts], axis=1)
+        ops.CALLS["numba.plan"] += 1
+        out = torch.from_numpy(out)
         return out.t() if layout == "features" else out.permute(1, 0, 2, 3)  # to [B, F] / NCHW views
 
 
@@ -100,13 +110,14 @@ class SparseGraphModule(torch.fx.GraphModule):
                 and x.dim() in (2, 4) and x.shape[0] > 0) or (torch.is_grad_enabled() and x.requires_grad):
             return None
         plans = self.__dict__.setdefault("_plans", {})
-        key = tuple(x.shape)
+        parts = batch_parts(x.shape)
+        key = (tuple(x.shape), parts)  # a thread count that changes the split gets its own plan
         if key not in plans:
             try:
                 # ShapeProp prints a traceback for inputs the model rejects; the eager call that
                 # follows raises the layer's own clear error instead.
                 with contextlib.redirect_stderr(io.StringIO()):
-                    plans[key] = build_plan(self, key)
+                    plans[key] = plan_for_shape(self, key[0], parts)
             except Exception:  # Unsupported, or an input the model rejects: run eagerly
                 plans[key] = None
         return plans[key]
@@ -147,6 +158,7 @@ class _Builder:
         self.border_op: dict[int, int] = {}            # lanes buffer offset -> row of the conv that zeroes its border
         self.border_rows: set[int] = set()             # every such row
         self.border_read: set[int] = set()             # ... those whose border some reader reads
+        self.serial = False                            # every op serial: one thread runs each part of a split batch
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -246,7 +258,7 @@ class _Builder:
     def emit(self, code: int, work: int, *params: int):
         if len(params) > ex.N_PARAMS:
             raise AssertionError("op has more parameters than the table holds")
-        parallel = int(work >= ops.PARALLEL_MIN_WORK)
+        parallel = int(work >= ops.PARALLEL_MIN_WORK and not self.serial)
         self.rows.append([code, parallel, *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
 
 
@@ -256,14 +268,52 @@ _ZERO_BORDER_PARAM = 23  # LANE_CONV: output rows whose border it zeroes first (
 _OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.LINEAR_SLICED: 1, ex.CONV: 3, ex.GRID_CONV: 3}
 
 
-def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
+# A batch of at least this many images per thread is split between the threads: each runs the whole
+# network serially on its share, in its own part of the arena, so every activation a core reads is one
+# it wrote itself. Splitting each op's work instead (rows, channels) made every op read lines the other
+# core had just written: on two threads a plan's ops ran 1.47x slower in order than each alone
+# (torchvision resnet18 98%, batch 64); on one thread 1.06x. Below this share, per-op splitting keeps
+# more work per call and fuller lanes (LANE_MIN_BATCH). Conv nets only: an MLP's Linears stream their
+# weights, and split, each core streams all of them instead of half (MLP 90% at batch 64: 0.97x).
+SPLIT_MIN_SHARE = 32
+# ... and only where a share's activations (its arena) outweigh half the weights, which every core then
+# streams whole. A/B at batch 64 (split / per-op, medians of paired turns): torchvision resnet18 98% 1.35x
+# (arena / weights 2.0), global-98 1.04x (0.68); CIFAR ResNet18 90% 1.09x (0.69), 98% 1.05x (3.6), global-98
+# 1.05x (10); torchvision resnet18 90% 0.90x (0.40: 7 MB of weights against 2.8 MB).
+SPLIT_MIN_ARENA_PER_WEIGHT = 0.5
+
+
+def batch_parts(shape) -> int:
+    """How many parts a plan splits a batch of images of this shape into: the Numba thread count when the
+    batch divides evenly into shares of at least SPLIT_MIN_SHARE, else 1 (each op splits its own work)."""
+    threads, n = numba.get_num_threads(), shape[0]
+    return threads if len(shape) == 4 and threads > 1 and n % threads == 0 and n // threads >= SPLIT_MIN_SHARE else 1
+
+
+def plan_for_shape(gm: torch.fx.GraphModule, input_shape: tuple, parts: int) -> Plan:
+    """The split plan for `parts` shares where its activations outweigh the weights enough (see above), else
+    the per-op plan."""
+    plan = build_plan(gm, input_shape, parts)
+    weight_bytes = sum(a.nbytes for a in (plan.f32, plan.u32, plan.u16, plan.u8))
+    if parts > 1 and 4 * plan.part_len < SPLIT_MIN_ARENA_PER_WEIGHT * weight_bytes:
+        plan = build_plan(gm, input_shape, 1)
+    return plan
+
+
+def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> Plan:
+    """The plan for inputs of input_shape; with parts > 1, one serial plan for a 1/parts share of the batch
+    that `Plan` runs once per part, in parallel."""
     modules = dict(gm.named_modules())
     if not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in modules.values()):
         raise Unsupported("no sparse layer: torch runs a dense model faster than the plan")
+    if parts < 1 or input_shape[0] % parts:
+        raise ValueError(f"a batch of {input_shape[0]} does not split into {parts} equal parts")
+    full_shape, input_shape = tuple(input_shape), (input_shape[0] // parts, *input_shape[1:])
     example = torch.zeros(input_shape)
     ShapeProp(gm).propagate(example)
     b = _Builder()
     b.modules = modules
+    b.serial = parts > 1
     buffers: dict[torch.fx.Node, tuple] = {}  # node -> (offset, layout, shape in that layout)
     output = None
     for node in gm.graph.nodes:
@@ -315,12 +365,13 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple) -> Plan:
     if output is None:
         raise Unsupported("no output")
     b.unread_borders()
+    part_len = b.arena + 16  # a multiple of 16 floats: every part starts on a cache line
     return Plan(ops=np.array(b.rows, dtype=np.int64).reshape(-1, 2 + ex.N_PARAMS),
                 f32=np.concatenate(b.f32) if b.f32 else np.zeros(1, np.float32),
                 u32=np.concatenate(b.u32) if b.u32 else np.zeros(1, np.uint32),
                 u16=np.concatenate(b.u16) if b.u16 else np.zeros(1, np.uint16),
                 u8=np.concatenate(b.u8) if b.u8 else np.zeros(1, np.uint8),
-                arena_size=b.arena + 16, output=output, input_shape=tuple(input_shape))
+                arena_size=parts * part_len, output=output, input_shape=full_shape, parts=parts, part_len=part_len)
 
 
 def _arg(node, buffers, i=0):

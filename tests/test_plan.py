@@ -595,6 +595,44 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_split_batch_runs_each_share_serially_and_matches_dense_over_a_nan_arena(monkeypatch):
+    """A batch split between threads: every op serial, each share in its own part of the arena, the shares'
+    outputs joined in batch order (a swapped or doubled share differs from torch)."""
+    from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "batch_parts", lambda shape: 2)
+    monkeypatch.setattr(plan_module, "SPLIT_MIN_ARENA_PER_WEIGHT", 0.0)
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(64, 3, 30, 26)
+    plan = sparse.plan_for(x)
+    assert (plan.parts, plan.input_shape, plan.arena_size) == (2, tuple(x.shape), 2 * plan.part_len)
+    assert not plan.ops[:, 1].any()  # one thread per share: no op launches threads of its own
+    assert _lane_convs(plan) == 6  # a 32-image share still runs batch-in-lanes
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x[:48]), model(x[:48]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, threads, parts", [
+    ((64, 3, 32, 32), 2, 2), ((128, 3, 8, 8), 4, 4), ((64, 3, 32, 32), 1, 1),  # shares of >= 32 images
+    ((48, 3, 32, 32), 2, 1), ((65, 3, 32, 32), 2, 1),                           # 24 a share; uneven
+    ((64, 1024), 2, 1)])                                                        # an MLP's input
+def test_batch_parts(monkeypatch, shape, threads, parts):
+    from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module.numba, "get_num_threads", lambda: threads)
+    assert plan_module.batch_parts(shape) == parts
+
+
+@pytest.mark.parametrize("ratio, parts", [(0.0, 2), (1e9, 1)])
+def test_split_only_where_activations_outweigh_the_weights(monkeypatch, ratio, parts):
+    from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "SPLIT_MIN_ARENA_PER_WEIGHT", ratio)
+    sparse = sparsert.sparsify(_lane_net(), min_sparsity=0.5)
+    plan = plan_module.plan_for_shape(sparse, (64, 3, 30, 26), 2)
+    assert plan.parts == parts and plan.ops[:, 1].any() == (parts == 1)
+    with pytest.raises(ValueError, match="does not split"):
+        plan_module.build_plan(sparse, (63, 3, 30, 26), 2)
+
+
 class _ResidualOfItsInput(nn.Module):
     """relu(conv(x) + x), x read again afterwards or not: either way the conv must not write over x, which
     its own strips still read."""
