@@ -286,8 +286,11 @@ SPLIT_MIN_ARENA_PER_WEIGHT = 0.5
 def batch_parts(shape) -> int:
     """How many parts a plan splits a batch of images of this shape into: the Numba thread count when the
     batch divides evenly into shares of at least SPLIT_MIN_SHARE, else 1 (each op splits its own work)."""
-    threads, n = numba.get_num_threads(), shape[0]
-    return threads if len(shape) == 4 and threads > 1 and n % threads == 0 and n // threads >= SPLIT_MIN_SHARE else 1
+    n = shape[0]
+    if len(shape) != 4 or n < 2 * SPLIT_MIN_SHARE:  # every call asks: spare batch 1 the ~1 us thread-count query
+        return 1
+    threads = numba.get_num_threads()
+    return threads if threads > 1 and n % threads == 0 and n // threads >= SPLIT_MIN_SHARE else 1
 
 
 def plan_for_shape(gm: torch.fx.GraphModule, input_shape: tuple, parts: int) -> Plan:
