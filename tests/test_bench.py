@@ -1,9 +1,15 @@
-"""`sparsert bench` runs end to end on the tiny case and writes what it documents. No timing is checked."""
+"""`sparsert bench` and bench/profile_plan.py run end to end on the tiny cases and write what they document.
+No timing is checked."""
 import argparse
 import importlib.util
 import json
+from pathlib import Path
+
+import pytest
+import torch
 
 from sparsert import bench
+from sparsert.convert import sparsify
 
 RECORD_FIELDS = {"engine", "version", "versions", "model", "pruning", "sparsity", "batch_size", "num_cores",
                  "scenario", "input_shapes", "benchmark_result", "speedup_vs_torch", "speedup_vs_best_dense",
@@ -73,3 +79,33 @@ def test_strip_ceiling_script_runs(capsys):
                                     "8 vectors, 8 accumulators"]
     assert all(aligned > 0 and shifted > 0 for _, aligned, shifted in rows)
     assert "dense sgemm" in capsys.readouterr().out
+
+
+def _profile_plan():
+    path = Path(__file__).resolve().parent.parent / "bench" / "profile_plan.py"
+    spec = importlib.util.spec_from_file_location("profile_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_plan_times_every_op_of_the_plan(capsys):
+    profile_plan = _profile_plan()
+    result = profile_plan.profile("tiny_cnn", "per-layer-90", 64, repeats=2)
+    model = bench.build_case("tiny_cnn", "per-layer-90", 0)
+    plan = sparsify(model).plan_for(torch.zeros(64, 3, 16, 16))
+    assert [r["op"] for r in result["rows"]] == [profile_plan.OP_NAMES[int(c)] for c in plan.ops[:, 0]]
+    assert result["parts"] == plan.parts and result["call_ms"] > 0
+    assert all(r["ms"] > 0 for r in result["rows"])
+    convs = [r for r in result["rows"] if r["op"] == "lane_conv"]
+    assert convs and all(r["gmacs"] > 0 for r in convs)  # batch 64 runs batch-in-lanes convs
+    assert all(r["gmacs"] is None for r in result["rows"] if r["op"] in ("nchw_to_cnhw", "to_lanes"))
+    assert profile_plan.main(["--model", "tiny_mlp", "--pruning", "per-layer-90", "--batch-size", "1",
+                              "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 | linear_sliced |" in table and "whole call" in table
+
+
+def test_profile_plan_names_a_pruning_that_does_not_apply():
+    with pytest.raises(SystemExit, match="does not apply to 'tiny_mlp'"):
+        _profile_plan().profile("tiny_mlp", "global-98", 1, repeats=1)

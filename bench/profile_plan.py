@@ -1,0 +1,118 @@
+"""Where a compiled plan's time goes, op by op: each op of the plan timed alone.
+
+    python bench/profile_plan.py --model cifar_resnet18 --pruning global-98 --batch-size 64
+
+Models and pruning are those of `sparsert bench` (same seed); the model is `sparsify(model)` with its
+defaults. A whole call runs first, so every op then finds its inputs where a call leaves them; each op
+then runs alone (`--repeats` times, the fastest kept), on the plan's threads (a batch split between
+threads runs its ops once per share, in parallel, as in a call). The ops' sum can differ from a whole call:
+an op alone finds its inputs in cache that the ops before it in a call may have pushed out.
+
+Sparse products also show their multiply-adds per second: nonzeros x the outputs each one meets (the
+lanes conv counts padding lanes and the grid conv its border cells: what the kernel computes). Put it beside
+DeepSparse's per-layer times (`deepsparse.debug_analysis -b 64 -ncores 2 model.onnx`, in its own venv)
+to see which layers a gap comes from (bench/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sparsert import bench
+from sparsert.convert import sparsify
+from sparsert.kernels import executor as ex
+
+OP_NAMES = {getattr(ex, name): name.lower() for name in dir(ex)
+            if name.isupper() and name != "N_PARAMS" and isinstance(getattr(ex, name), int)}
+
+
+def multiply_adds(op) -> int:
+    """Multiply-adds one run of this op row computes (one share of a split batch), or 0 for non-products."""
+    code, p = int(op[0]), op[2:]
+    if code == ex.LANE_CONV:  # nnz x output rows x cells a row x lanes
+        return int(p[19] * p[11] * p[12] * p[13])
+    if code == ex.GRID_CONV:  # nnz x cells per image x images
+        return int(p[14] * p[9] * p[10])
+    if code == ex.CONV:  # nnz x grid positions (images x padded rows x padded row length)
+        return int(p[17] * p[5] * p[10] * p[11])
+    if code == ex.CONV_GEMM:  # nnz x pixels
+        return int(p[9] * p[2])
+    if code == ex.LINEAR_CSR:  # nnz x batch
+        return int(p[9] * p[4])
+    if code == ex.LINEAR_BSR:  # blocks x block size x batch
+        return int(p[9] * p[13] * p[14] * p[4])
+    if code == ex.LINEAR_SLICED:  # stored steps, slice padding included (batch 1)
+        return int(p[9])
+    return 0
+
+
+def run_ops(plan, ops, x_flat):
+    if plan.parts == 1:
+        ex.run_plan(ops, plan._arena, plan.f32, plan.u32, plan.u16, plan.u8, x_flat)
+    else:
+        ex.run_plan_parts(ops, plan._arena, plan.part_len, plan.f32, plan.u32, plan.u16, plan.u8, x_flat,
+                          plan.parts)
+
+
+def fastest(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: int = 0) -> dict:
+    """{'parts', 'call_ms', 'rows': [{'index', 'op', 'parallel', 'ms', 'gmacs'}]} for the model's plan."""
+    model = bench.build_case(model_name, pruning, seed)
+    if model is None:
+        raise SystemExit(f"pruning {pruning!r} does not apply to {model_name!r} (no conv weights)")
+    x = torch.randn(batch_size, *bench.ALL_MODELS[model_name].input_shape,
+                    generator=torch.Generator().manual_seed(seed + 2))
+    sparse = sparsify(model)
+    with torch.no_grad():
+        plan = sparse.plan_for(x) if hasattr(sparse, "plan_for") else None
+        if plan is None:
+            raise SystemExit(f"{model_name} {pruning} at batch {batch_size} runs eagerly: no plan to profile")
+        torch.testing.assert_close(plan(x), model(x), rtol=1e-3, atol=1e-3)  # a wrong plan's times mean nothing
+    x_flat = x.contiguous().numpy().reshape(-1)
+    call = fastest(lambda: plan(x), repeats)
+    rows = []
+    for i in range(plan.ops.shape[0]):
+        ops = plan.ops[i:i + 1]
+        seconds = fastest(lambda: run_ops(plan, ops, x_flat), repeats)
+        macs = multiply_adds(plan.ops[i]) * plan.parts
+        rows.append({"index": i, "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
+                     "parallel": bool(plan.ops[i, 1]), "ms": seconds * 1e3,
+                     "gmacs": macs / seconds / 1e9 if macs else None})
+    return {"parts": plan.parts, "call_ms": call * 1e3, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    total = sum(r["ms"] for r in result["rows"])
+    lines = [f"batch split into {result['parts']} part(s); whole call {result['call_ms']:.3f} ms, ops alone sum to "
+             f"{total:.3f} ms", "", "| # | op | parallel | ms | % of sum | GMAC/s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rate = f"{r['gmacs']:.1f}" if r["gmacs"] is not None else ""
+        lines.append(f"| {r['index']} | {r['op']} | {'yes' if r['parallel'] else 'no'} | {r['ms']:.3f} | "
+                     f"{100 * r['ms'] / total:.1f} | {rate} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="cifar_resnet18", choices=list(bench.ALL_MODELS))
+    p.add_argument("--pruning", default="global-98", choices=list(bench.PRUNINGS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10, help="runs per op; the fastest is kept")
+    args = p.parse_args(argv)
+    print(format_table(profile(args.model, args.pruning, args.batch_size, args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
