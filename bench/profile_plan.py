@@ -16,13 +16,13 @@ to see which layers a gap comes from (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from sparsert import bench
 from sparsert.convert import sparsify
 from sparsert.kernels import executor as ex
+from sparsert.timing import fastest_seconds
 
 OP_NAMES = {getattr(ex, name): name.lower() for name in dir(ex)
             if name.isupper() and name != "N_PARAMS" and isinstance(getattr(ex, name), int)}
@@ -56,16 +56,6 @@ def run_ops(plan, ops, x_flat):
                           plan.parts)
 
 
-def fastest(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: int = 0) -> dict:
     """{'parts', 'call_ms', 'rows': [{'index', 'op', 'parallel', 'ms', 'gmacs'}]} for the model's plan."""
     model = bench.build_case(model_name, pruning, seed)
@@ -80,11 +70,11 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
             raise SystemExit(f"{model_name} {pruning} at batch {batch_size} runs eagerly: no plan to profile")
         torch.testing.assert_close(plan(x), model(x), rtol=1e-3, atol=1e-3)  # a wrong plan's times mean nothing
     x_flat = x.contiguous().numpy().reshape(-1)
-    call = fastest(lambda: plan(x), repeats)
+    call = fastest_seconds(lambda: plan(x), repeats)
     rows = []
     for i in range(plan.ops.shape[0]):
         ops = plan.ops[i:i + 1]
-        seconds = fastest(lambda: run_ops(plan, ops, x_flat), repeats)
+        seconds = fastest_seconds(lambda: run_ops(plan, ops, x_flat), repeats)
         macs = multiply_adds(plan.ops[i]) * plan.parts
         rows.append({"index": i, "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
                      "parallel": bool(plan.ops[i, 1]), "ms": seconds * 1e3,

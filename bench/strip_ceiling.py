@@ -8,7 +8,6 @@ epilogue), for x on a cache line and x one float off it (every load then splits 
 4 accumulators (one per vector) against 8 (the same 4 vectors over two sets, or 8 vectors). It prints
 GMAC/s per core; compare them with dense sgemm, the last line, which keeps its inputs in registers.
 """
-import time
 
 import numba
 import numpy as np
@@ -17,6 +16,7 @@ from numba import njit
 
 from sparsert.kernels.strip import strip4, strip4_split, strip8
 from sparsert.plan import aligned_empty
+from sparsert.timing import fastest_seconds
 
 NONZEROS = 2000   # one row's nonzeros, each a random whole-vector offset into x
 X_FLOATS = 2048   # 8 KB of input: L1-resident
@@ -41,16 +41,6 @@ def _run4_split(x, indices, values, out, repeats):
 def _run8(x, indices, values, out, repeats):
     for _ in range(repeats):
         strip8(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 128, out, 0, False, False, out, 0, False)
-
-
-def _best_seconds(fn, rounds: int = 15) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(repeats: int = REPEATS) -> list:
@@ -79,12 +69,12 @@ def _table(repeats: int) -> list:
         for shift in (0, 1):
             x = aligned_empty(X_FLOATS + 16)[shift:shift + X_FLOATS]
             x[:] = rng.random(X_FLOATS, dtype=np.float32)
-            seconds = _best_seconds(lambda: kernel(x, indices, values, out, repeats))
+            seconds = fastest_seconds(lambda: kernel(x, indices, values, out, repeats), 15)
             rates.append(NONZEROS * width * repeats / seconds / 1e9)
         print(f"{name:32s} {rates[0]:14.1f} {rates[1]:14.1f}")
         rows.append((name, *rates))
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    seconds = _best_seconds(lambda: [a @ b for _ in range(20)], rounds=5)
+    seconds = fastest_seconds(lambda: [a @ b for _ in range(20)], 5)
     print(f"{'dense sgemm 512^3 (torch)':32s} {512 ** 3 * 20 / seconds / 1e9:14.1f}")
     return rows
 

@@ -12,6 +12,18 @@ import numpy as np
 PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 
 
+def fastest_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` calls of fn, after one warm-up call: what a kernel costs when nothing
+    else gets in its way (bench scripts that compare kernels or ops, not engines)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure(fn: Callable[[], object], *, repeats: int, min_time: float, warmup: int, batch_size: int) -> dict:
     """Time `fn` after `warmup` calls: at least `repeats` calls and `min_time` seconds.
 

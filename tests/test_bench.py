@@ -3,6 +3,7 @@ No timing is checked."""
 import argparse
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,17 @@ def test_profile_plan_times_every_op_of_the_plan(capsys):
 def test_profile_plan_names_a_pruning_that_does_not_apply():
     with pytest.raises(SystemExit, match="does not apply to 'tiny_mlp'"):
         _profile_plan().profile("tiny_mlp", "global-98", 1, repeats=1)
+
+
+def test_fastest_seconds_warms_up_once_and_keeps_the_fastest_call():
+    from sparsert.timing import fastest_seconds
+    naps = iter([0.05, 0.03, 0.002, 0.03])  # the warm-up call's nap is the longest and must not count
+    calls = []
+
+    def nap():
+        calls.append(1)
+        time.sleep(next(naps))
+
+    best = fastest_seconds(nap, repeats=3)
+    assert len(calls) == 4
+    assert 0.002 <= best < 0.03
