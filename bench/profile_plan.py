@@ -48,14 +48,6 @@ def multiply_adds(op) -> int:
     return 0
 
 
-def run_ops(plan, ops, x_flat):
-    if plan.parts == 1:
-        ex.run_plan(ops, plan._arena, plan.f32, plan.u32, plan.u16, plan.u8, x_flat)
-    else:
-        ex.run_plan_parts(ops, plan._arena, plan.part_len, plan.f32, plan.u32, plan.u16, plan.u8, x_flat,
-                          plan.parts)
-
-
 def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: int = 0) -> dict:
     """{'parts', 'call_ms', 'rows': [{'index', 'op', 'parallel', 'ms', 'gmacs'}]} for the model's plan."""
     model = bench.build_case(model_name, pruning, seed)
@@ -74,7 +66,7 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
     rows = []
     for i in range(plan.ops.shape[0]):
         ops = plan.ops[i:i + 1]
-        seconds = fastest_seconds(lambda: run_ops(plan, ops, x_flat), repeats)
+        seconds = fastest_seconds(lambda: plan.run_ops(ops, plan._arena, x_flat), repeats)
         macs = multiply_adds(plan.ops[i]) * plan.parts
         rows.append({"index": i, "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
                      "parallel": bool(plan.ops[i, 1]), "ms": seconds * 1e3,

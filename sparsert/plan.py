@@ -74,14 +74,20 @@ class Plan:
                 self._lock.release()
         return self._run(aligned_empty(self.arena_size), x_flat)
 
+    def run_ops(self, rows, arena, x_flat) -> None:
+        """Run the op rows `rows` (the whole table, or a slice of it: bench/profile_plan.py) on arena: once, or
+        once per part of a split batch, each part on its own thread."""
+        if self.parts == 1:
+            ex.run_plan(rows, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
+        else:
+            ex.run_plan_parts(rows, arena, self.part_len, self.f32, self.u32, self.u16, self.u8, x_flat, self.parts)
+
     def _run(self, arena, x_flat) -> torch.Tensor:
         offset, layout, shape = self.output
+        self.run_ops(self.ops, arena, x_flat)
         if self.parts == 1:
-            ex.run_plan(self.ops, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
             out = arena[offset:offset + self._output_size].reshape(shape).copy()
         else:
-            ex.run_plan_parts(self.ops, arena, self.part_len, self.f32, self.u32, self.u16, self.u8, x_flat,
-                              self.parts)
             starts = range(offset, self.arena_size, self.part_len)
             # Both layouts keep the batch on axis 1: the parts' shares join there, in one copy.
             out = np.concatenate([arena[s:s + self._output_size].reshape(shape) for s in starts], axis=1)
