@@ -49,7 +49,8 @@ def multiply_adds(op) -> int:
 
 
 def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: int = 0) -> dict:
-    """{'parts', 'call_ms', 'rows': [{'index', 'op', 'parallel', 'ms', 'gmacs'}]} for the model's plan."""
+    """{'parts', 'call_ms', 'rows': [{'index', 'layer', 'op', 'parallel', 'ms', 'gmacs'}]} for the model's plan
+    (layer: the graph node the op was lowered from, `Plan.op_layers`)."""
     model = bench.build_case(model_name, pruning, seed)
     if model is None:
         raise SystemExit(f"pruning {pruning!r} does not apply to {model_name!r} (no conv weights)")
@@ -68,7 +69,7 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
         ops = plan.ops[i:i + 1]
         seconds = fastest_seconds(lambda: plan.run_ops(ops, plan._arena, x_flat), repeats)
         macs = multiply_adds(plan.ops[i]) * plan.parts
-        rows.append({"index": i, "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
+        rows.append({"index": i, "layer": plan.op_layers[i], "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
                      "parallel": bool(plan.ops[i, 1]), "ms": seconds * 1e3,
                      "gmacs": macs / seconds / 1e9 if macs else None})
     return {"parts": plan.parts, "call_ms": call * 1e3, "rows": rows}
@@ -77,10 +78,10 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
 def format_table(result: dict) -> str:
     total = sum(r["ms"] for r in result["rows"])
     lines = [f"batch split into {result['parts']} part(s); whole call {result['call_ms']:.3f} ms, ops alone sum to "
-             f"{total:.3f} ms", "", "| # | op | parallel | ms | % of sum | GMAC/s |", "|---|---|---|---|---|---|"]
+             f"{total:.3f} ms", "", "| # | layer | op | parallel | ms | % of sum | GMAC/s |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rate = f"{r['gmacs']:.1f}" if r["gmacs"] is not None else ""
-        lines.append(f"| {r['index']} | {r['op']} | {'yes' if r['parallel'] else 'no'} | {r['ms']:.3f} | "
+        lines.append(f"| {r['index']} | {r['layer']} | {r['op']} | {'yes' if r['parallel'] else 'no'} | {r['ms']:.3f} | "
                      f"{100 * r['ms'] / total:.1f} | {rate} |")
     return "\n".join(lines)
 

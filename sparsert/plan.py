@@ -55,6 +55,8 @@ class Plan:
     input_shape: tuple
     parts: int = 1        # batch split: the ops run once per part, on its share of the batch (see batch_parts)
     part_len: int = 0     # float32 elements of one part's arena (its stride in the arena)
+    op_layers: tuple = ()  # per op row, the graph node it was lowered from: a module's name ("layer1.0.conv1"),
+                           # a function node's ("add_1"), "input" or "output"; for per-layer profiles
 
     def __post_init__(self):
         # One arena reused across calls: a fresh 100+ MB allocation per call cost more in page
@@ -165,6 +167,8 @@ class _Builder:
         self.border_rows: set[int] = set()             # every such row
         self.border_read: set[int] = set()             # ... those whose border some reader reads
         self.serial = False                            # every op serial: one thread runs each part of a split batch
+        self.layer = ""                                # the node being lowered: each emitted op row is labelled with it
+        self.layers: list[str] = []                    # per op row, that label
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -266,6 +270,7 @@ class _Builder:
             raise AssertionError("op has more parameters than the table holds")
         parallel = int(work >= ops.PARALLEL_MIN_WORK and not self.serial)
         self.rows.append([code, parallel, *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
+        self.layers.append(self.layer)
 
 
 # Ops with a fused ReLU flag: where it and the output offset sit in their parameters (kernels.executor).
@@ -327,6 +332,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
     output = None
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
+        b.layer = {"placeholder": "input", "output": "output", "call_module": str(node.target)}.get(node.op, node.name)
         if node.op == "placeholder":
             if buffers:
                 raise Unsupported("more than one input")
@@ -380,7 +386,8 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
                 u32=np.concatenate(b.u32) if b.u32 else np.zeros(1, np.uint32),
                 u16=np.concatenate(b.u16) if b.u16 else np.zeros(1, np.uint16),
                 u8=np.concatenate(b.u8) if b.u8 else np.zeros(1, np.uint8),
-                arena_size=parts * part_len, output=output, input_shape=full_shape, parts=parts, part_len=part_len)
+                arena_size=parts * part_len, output=output, input_shape=full_shape, parts=parts, part_len=part_len,
+                op_layers=tuple(b.layers))
 
 
 def _arg(node, buffers, i=0):

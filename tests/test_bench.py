@@ -96,6 +96,7 @@ def test_profile_plan_times_every_op_of_the_plan(capsys):
     model = bench.build_case("tiny_cnn", "per-layer-90", 0)
     plan = sparsify(model).plan_for(torch.zeros(64, 3, 16, 16))
     assert [r["op"] for r in result["rows"]] == [profile_plan.OP_NAMES[int(c)] for c in plan.ops[:, 0]]
+    assert [r["layer"] for r in result["rows"]] == list(plan.op_layers)
     assert result["parts"] == plan.parts and result["call_ms"] > 0
     assert all(r["ms"] > 0 for r in result["rows"])
     convs = [r for r in result["rows"] if r["op"] == "lane_conv"]
@@ -104,7 +105,7 @@ def test_profile_plan_times_every_op_of_the_plan(capsys):
     assert profile_plan.main(["--model", "tiny_mlp", "--pruning", "per-layer-90", "--batch-size", "1",
                               "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    assert "| 1 | linear_sliced |" in table and "whole call" in table
+    assert "| 1 | 0 | linear_sliced |" in table and "whole call" in table  # op 1: the MLP's first Linear, "0"
 
 
 def test_profile_plan_names_a_pruning_that_does_not_apply():

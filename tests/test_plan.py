@@ -595,6 +595,26 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_every_op_names_the_layer_it_was_lowered_from(monkeypatch):
+    """Plan.op_layers (bench/profile_plan.py's layer column): one label per op row, a conv cut into regions
+    labelling all of its ops with its own name, and only the graph's own module and node names used."""
+    from sparsert import plan as plan_module
+    from sparsert.kernels import executor as ex
+    monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
+    monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
+    sparse = sparsert.sparsify(_lane_net(), min_sparsity=0.5)
+    plan = sparse.plan_for(torch.randn(16, 3, 30, 26))
+    assert len(plan.op_layers) == plan.ops.shape[0]
+    assert plan.op_layers[0] == "input" and plan.ops[0, 0] == ex.NCHW_TO_CNHW
+    lane_conv_layers = [name for name, code in zip(plan.op_layers, plan.ops[:, 0]) if code == ex.LANE_CONV]
+    convs = {"stem", "a", "b", "down", "skip", "dense"}
+    assert set(lane_conv_layers) == convs
+    assert len(lane_conv_layers) > len(convs)  # regions: several ops under one conv's name
+    graph_names = {n.target if n.op == "call_module" else n.name for n in sparse.graph.nodes}
+    assert set(plan.op_layers) - {"input", "output"} <= graph_names
+    assert [name for name, code in zip(plan.op_layers, plan.ops[:, 0]) if code == ex.LINEAR_CSR] == ["fc"]
+
+
 def test_split_batch_runs_each_share_serially_and_matches_dense_over_a_nan_arena(monkeypatch):
     """A batch split between threads: every op serial, each share in its own part of the arena, the shares'
     outputs joined in batch order (a swapped or doubled share differs from torch)."""
