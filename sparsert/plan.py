@@ -819,8 +819,10 @@ LANE_MIN_BATCH = 16
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
 LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
-LANE_REGION_GAIN = 1.3     # split a lane conv into regions of equal live taps when that saves this much work
+LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
+LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
 LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
+LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of 8 vectors runs at (v / 8) ** this of a full strip's speed
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 
@@ -873,24 +875,71 @@ def _axis_runs(n_out: int, n_in: int, k: int, stride: int, dilation: int, pad: i
 
 def _reads_border(regions, tap_nnz, h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation,
                   pads) -> bool:
-    """Whether a lanes conv's ops read their input's border cells (its zero padding): only a single op over the
-    whole map, through a tap holding nonzeros that lands outside the input for some output pixel. Each op of a
-    region split keeps only taps that read the input for all of its pixels."""
-    if len(regions) > 1:
-        return False
-    inside_y = _taps_inside(out_h, h, kernel_size[0], stride[0], dilation[0], pads[0]).all(axis=0)
-    inside_x = _taps_inside(out_w, w, kernel_size[1], stride[1], dilation[1], pads[2]).all(axis=0)
-    always_inside = (inside_y[:, None] & inside_x[None, :]).reshape(-1)
-    return bool(((tap_nnz > 0) & regions[0][4] & ~always_inside).any())
+    """Whether a lanes conv's ops read their input's border cells (its zero padding): through a tap holding
+    nonzeros that one of its regions keeps although it lands outside the input for some pixel of that region
+    (a single op over the whole map, or regions of whole rows; a grid region keeps only taps that read the
+    input for all of its pixels)."""
+    inside_y = _taps_inside(out_h, h, kernel_size[0], stride[0], dilation[0], pads[0])
+    inside_x = _taps_inside(out_w, w, kernel_size[1], stride[1], dilation[1], pads[2])
+    for y0, ny, x0, nx, live in regions:
+        always = (inside_y[y0:y0 + ny].all(axis=0)[:, None] & inside_x[x0:x0 + nx].all(axis=0)[None, :]).reshape(-1)
+        if ((tap_nnz > 0) & live & ~always).any():
+            return True
+    return False
 
 
-def lane_regions(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads) -> list:
+def lane_regions(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads,
+                 whole_rows: bool = False) -> list:
     """[(oy0, rows, ox0, cols, live bool[kh * kw])]: the output map cut into rectangles whose every pixel reads
-    the input (not padding) through the same taps."""
+    the input (not padding) through the same taps. whole_rows: cut along rows only, each region as wide as the
+    map and keeping the taps that read the input for any of its pixels (the others read the zero border)."""
     rows = _axis_runs(out_h, h, kernel_size[0], stride[0], dilation[0], pads[0])
     cols = _axis_runs(out_w, w, kernel_size[1], stride[1], dilation[1], pads[2])
+    if whole_rows:
+        cols = [(0, out_w, np.any([live_x for _, _, live_x in cols], axis=0))]
     return [(y0, ny, x0, nx, (live_y[:, None] & live_x[None, :]).reshape(-1))
             for y0, ny, live_y in rows for x0, nx, live_x in cols]
+
+
+def region_cost(regions, tap_nnz, lanes: int, cells_per_strip: int) -> float:
+    """Estimated time of a lanes conv run as these regions: each region's multiply-adds (its live taps'
+    nonzeros x its cells), divided by the speed of its strips relative to a full one. A region narrower than
+    a strip runs short ones: at 32 lanes one cell is a 2-vector strip against 8 (LANE_STRIP_EXPONENT)."""
+    full = 2 * kernels.STRIP_VECTORS
+    cost = 0.0
+    for _, ny, _, nx, live in regions:
+        vectors = min(full, min(nx, cells_per_strip) * lanes // kernels.LANE_VECTOR)
+        cost += float(tap_nnz[live].sum()) * ny * nx / (vectors / full) ** LANE_STRIP_EXPONENT
+    return cost
+
+
+def lane_region_split(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads, tap_nnz,
+                      lanes: int, cells_per_strip: int, whole) -> list:
+    """The regions a lanes conv runs as. Stride 1: the whole map (one op), a grid of regions of equal live
+    taps, or regions of whole rows, whichever `region_cost` rates fastest; a split must beat one op by
+    LANE_REGION_GAIN. Strided: the grid where it saves LANE_STRIDED_REGION_GAIN of the multiply-adds, else
+    the whole map. At most LANE_MAX_REGIONS regions.
+
+    Measured per layer, ops of two plans interleaved turn by turn (batch 64 split into two 32-lane shares):
+    3x3 convs on 4x4 maps ran 1.45-1.6x faster as 3 row regions than as the 9-region grid (whose one-cell
+    regions run 2-vector strips), and the grid held 5.4 copies of each weight where rows hold 2.3;
+    on 2x2 maps the 4 one-cell regions beat 2 row regions by 1.2-1.5x; a stride-2 conv from 8x8 split into 4
+    regions ran 1.7x slower than whole (so strided convs keep the rule measured before, on work alone)."""
+    if tuple(stride) != (1, 1):
+        regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
+        split_work = sum(ny * nx * tap_nnz[live].sum() for _, ny, _, nx, live in regions)
+        whole_work = out_h * out_w * tap_nnz[whole[4]].sum()
+        if split_work * LANE_STRIDED_REGION_GAIN > whole_work or len(regions) > LANE_MAX_REGIONS:
+            return [whole]
+        return regions
+    best, best_cost = [whole], region_cost([whole], tap_nnz, lanes, cells_per_strip) / LANE_REGION_GAIN
+    for whole_rows in (False, True):
+        regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads, whole_rows)
+        if 1 < len(regions) <= LANE_MAX_REGIONS:
+            cost = region_cost(regions, tap_nnz, lanes, cells_per_strip)
+            if cost < best_cost:
+                best, best_cost = regions, cost
+    return best
 
 
 def _may_overwrite(b: _Builder, res, x, size: int) -> bool:
@@ -931,11 +980,12 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     buffer is the pool's output, where the conv runs as one op (no region split); otherwise pooled is False.
 
     On small maps most taps of the edge pixels read the zero border: a 3x3 conv on a 2x2 map computes 9 taps
-    per pixel where 4 read the input. Where cutting the map into regions of equal live taps
-    (`lane_regions`) saves LANE_REGION_GAIN of the work, each region runs as its own op with only its live
-    taps' nonzeros; otherwise one op covers the map, without the taps no pixel reads (`live_taps`).
-    A/B at batch 64, 10% density: 3x3 convs on 2x2 maps 1.4-1.5x faster split, from 4x4 to 2x2 at stride 2
-    1.2x, on 4x4 maps 1.04-1.1x, on 8x8 maps even (edge regions one cell wide run half-width strips)."""
+    per pixel where 4 read the input. Where cutting the map into regions (`lane_region_split`: a grid of regions
+    of equal live taps, or regions of whole rows) pays, each region runs as its own op with only its live taps'
+    nonzeros; otherwise one op covers the map, without the taps no pixel reads (`live_taps`).
+    A/B at batch 64 (one 64-lane plan), 10% density: 3x3 convs on 2x2 maps 1.4-1.5x faster as a grid, from
+    4x4 to 2x2 at stride 2 1.2x, on 4x4 maps 1.04-1.1x, on 8x8 maps even (edge regions one cell wide run
+    half-width strips); at 32 lanes see `lane_region_split`."""
     c, n, h, w = src[2]
     out_channels = len(indptr) - 1
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
@@ -948,10 +998,12 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     indptr, indices = np.asarray(indptr).astype(np.int64), np.asarray(indices).astype(np.int64)
     tap_nnz = np.bincount(indices % taps, minlength=taps)
     whole = (0, out_h, 0, out_w, live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
-    regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads)
-    split_work = sum(ny * nx * tap_nnz[live].sum() for _, ny, _, nx, live in regions)
-    if split_work * LANE_REGION_GAIN > out_h * out_w * tap_nnz[whole[4]].sum() or len(regions) > LANE_MAX_REGIONS:
-        regions = [whole]
+    if (sh, sw) == (1, 1):
+        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
+    else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
+        cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
+    regions = lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz, lanes,
+                                cells_per_strip, whole)
     native_res = res is not None and res[1] == "lanes"
     if res is not None:
         res = _lanes(b, res)
@@ -970,10 +1022,6 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         out = res[0]
     else:
         out = b.alloc(out_channels * plane_out)
-    if (sh, sw) == (1, 1):
-        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
-    else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
-        cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
     for i, (oy0, rows, ox0, cols, live) in enumerate(regions):
         r_indptr, r_indices, r_values = drop_dead_taps(indptr, indices, values, taps, live, compact=False)
         offsets = kernels.lane_offsets(r_indices, kernel_size, dilation, plane_in, wq_in, lanes)

@@ -523,6 +523,16 @@ class _ConvResidual(nn.Module):
         return torch.relu(self.conv(x) + self.skip(x))
 
 
+def _force_region_grid(monkeypatch):
+    """Every lanes conv whose map has pixels with fewer live taps runs as the grid of regions (`lane_regions`),
+    however narrow or many: cost by work alone, any saving enough."""
+    from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
+    monkeypatch.setattr(plan_module, "LANE_STRIDED_REGION_GAIN", 1.0)
+    monkeypatch.setattr(plan_module, "LANE_STRIP_EXPONENT", 0.0)
+    monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
+
+
 @pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
 @pytest.mark.parametrize("batch", [16, 20, 40, 64])
@@ -533,8 +543,7 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40)."""
     from sparsert import plan as plan_module
     if regions == "always":
-        monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
-        monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
+        _force_region_grid(monkeypatch)
     torch.manual_seed(0)
     model = _ConvResidual(**CONV_CONFIGS[config]).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
@@ -586,8 +595,7 @@ def _lane_net(density=0.3):
 def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch):
     from sparsert import plan as plan_module
     if regions == "always":  # every conv cut into regions: ReLUs folded into all of a conv's region ops
-        monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
-        monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
+        _force_region_grid(monkeypatch)
     model = _lane_net()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
     x = torch.randn(batch, 3, 30, 26)
@@ -600,8 +608,7 @@ def test_every_op_names_the_layer_it_was_lowered_from(monkeypatch):
     labelling all of its ops with its own name, and only the graph's own module and node names used."""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
-    monkeypatch.setattr(plan_module, "LANE_REGION_GAIN", 1.0)
-    monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
+    _force_region_grid(monkeypatch)
     sparse = sparsert.sparsify(_lane_net(), min_sparsity=0.5)
     plan = sparse.plan_for(torch.randn(16, 3, 30, 26))
     assert len(plan.op_layers) == plan.ops.shape[0]
@@ -715,6 +722,45 @@ def test_lane_regions_cover_the_map_once_with_their_live_taps():
     # stride 2 from 4x4 to 2x2: the first output row and column read one padding tap, the second none
     regions = lane_regions(4, 4, 2, 2, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
     assert [int(live.sum()) for *_, live in regions] == [4, 6, 6, 9]
+
+
+@pytest.mark.parametrize("map_size,lanes,stride,expected", [
+    (4, 32, 1, "rows"),    # 9 grid regions would run 1-2 cell strips of 2-4 vectors: 3 full-width rows
+    (2, 32, 1, "grid"),    # 4 one-cell regions with 4 live taps beat 2 rows that keep 6 (2 read the border)
+    (4, 64, 1, "grid"),    # 64 lanes: a one-cell region is already a 4-vector strip
+    (8, 32, 1, "whole"),   # edges save too little on 8x8
+    (8, 64, 1, "whole"),
+    (8, 32, 2, "whole"),   # strided: the grid only where it saves 1.3x the work
+])
+def test_lane_region_split_choice(map_size, lanes, stride, expected):
+    from sparsert.plan import lane_region_split, lane_regions, live_taps
+    n = map_size
+    out = (n + 2 - 3) // stride + 1
+    geometry = (n, n, out, out, (3, 3), (stride, stride), (1, 1), (1, 1, 1, 1))
+    whole = (0, out, 0, out, live_taps(*geometry))
+    tap_nnz = np.full(9, 100)
+    cells_per_strip = max(1, 128 // lanes) if stride == 1 else 2
+    regions = lane_region_split(*geometry, tap_nnz, lanes, cells_per_strip, whole)
+    if expected == "whole":
+        assert len(regions) == 1 and regions[0][:4] == (0, out, 0, out)
+    else:
+        assert [r[:4] for r in regions] == [r[:4] for r in lane_regions(*geometry, whole_rows=expected == "rows")]
+        assert len(regions) > 1
+
+
+def test_row_regions_read_the_zeroed_border_and_match_dense():
+    """A 3x3 conv on a 4x4 map at 32 lanes runs as 3 regions of whole rows: each keeps the taps that read the
+    input for any of its pixels, so its edge pixels read the zero border through the others. Over a NaN-filled
+    arena a border left unzeroed would show; the residual and ReLU stay fused."""
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = _ConvResidual(kernel_size=3, padding=1).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(32, 8, 4, 4)
+    rows = [row[2:] for row in sparse.plan_for(x).ops if row[0] == ex.LANE_CONV]
+    assert len(rows) == 6  # two convs, 3 row regions each
+    assert sorted({(int(r[11]), int(r[12])) for r in rows}) == [(1, 4), (2, 4)]  # rows x cells of each region
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_small_map_conv_splits_into_regions_without_padding_taps():
