@@ -541,7 +541,6 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border. "always": every conv whose
     map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many.
     Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40)."""
-    from sparsert import plan as plan_module
     if regions == "always":
         _force_region_grid(monkeypatch)
     torch.manual_seed(0)
@@ -593,7 +592,6 @@ def _lane_net(density=0.3):
 @pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("batch", [16, 33])
 def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch):
-    from sparsert import plan as plan_module
     if regions == "always":  # every conv cut into regions: ReLUs folded into all of a conv's region ops
         _force_region_grid(monkeypatch)
     model = _lane_net()
@@ -606,7 +604,6 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
 def test_every_op_names_the_layer_it_was_lowered_from(monkeypatch):
     """Plan.op_layers (bench/profile_plan.py's layer column): one label per op row, a conv cut into regions
     labelling all of its ops with its own name, and only the graph's own module and node names used."""
-    from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
     _force_region_grid(monkeypatch)
     sparse = sparsert.sparsify(_lane_net(), min_sparsity=0.5)
