@@ -125,3 +125,46 @@ def test_fastest_seconds_warms_up_once_and_keeps_the_fastest_call():
     best = fastest_seconds(nap, repeats=3)
     assert len(calls) == 4
     assert 0.002 <= best < 0.03
+
+
+def _ab_plan():
+    path = Path(__file__).resolve().parent.parent / "bench" / "ab_plan.py"
+    spec = importlib.util.spec_from_file_location("ab_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_plan_times_the_layers_a_setting_changes(capsys):
+    """Plan B splits every lanes conv with edge pixels into its grid of regions (work alone, any saving): each
+    layer is timed in A and B, the split ones with more ops in B, and whole calls pair up turn by turn."""
+    ab_plan = _ab_plan()
+    from sparsert import plan as plan_module
+    before = (plan_module.LANE_REGION_GAIN, plan_module.LANE_STRIP_EXPONENT)
+    settings = {"LANE_REGION_GAIN": 1.0, "LANE_STRIP_EXPONENT": 0.0}
+    result = ab_plan.compare("tiny_cnn", "per-layer-90", 64, settings, turns=2, whole_turns=2, turn_seconds=0.01)
+    assert (plan_module.LANE_REGION_GAIN, plan_module.LANE_STRIP_EXPONENT) == before  # restored after planning
+    assert result["ops"][1] > result["ops"][0]  # B runs regions as their own ops
+    ops = {r["layer"]: r["ops"] for r in result["layers"]}
+    assert set(ops) == set(plan_ops_layers("tiny_cnn", 64))  # every layer, "input" (its conversion) included
+    assert any(b > a for a, b in ops.values()) and all(b >= a for a, b in ops.values())
+    assert all(ms > 0 for r in result["layers"] for ms in r["ms"])
+    assert len(result["paired"]) == 2 and all(ratio > 0 for ratio in result["paired"])
+    assert ab_plan.main(["--model", "tiny_cnn", "--pruning", "per-layer-90", "--batch-size", "64", "--set",
+                         "LANE_REGION_GAIN=1", "--set", "LANE_STRIP_EXPONENT=0", "--turns", "1",
+                         "--whole-turns", "1"]) == 0
+    report = capsys.readouterr().out
+    assert "B: LANE_REGION_GAIN=1.0, LANE_STRIP_EXPONENT=0.0" in report and "| layer | ops A |" in report
+
+
+def plan_ops_layers(name, batch):
+    model = bench.build_case(name, "per-layer-90", 0)
+    return sparsify(model).plan_for(torch.zeros(batch, *bench.ALL_MODELS[name].input_shape)).op_layers
+
+
+def test_ab_plan_refuses_a_setting_that_is_not_a_plan_constant(capsys):
+    ab_plan = _ab_plan()
+    for bad in ("NO_SUCH_CONSTANT=1", "LANE_REGION_GAIN", "LANE_REGION_GAIN=fast"):
+        with pytest.raises(SystemExit):
+            ab_plan.main(["--model", "tiny_cnn", "--set", bad])
+    assert "not a number" in capsys.readouterr().err
