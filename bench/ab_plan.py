@@ -4,7 +4,7 @@
         --set LANE_STRIP_EXPONENT=0 --set LANE_REGION_GAIN=1.3
 
 Plan A uses `sparsert.plan`'s constants as they are; plan B the same model planned with each `--set NAME=VALUE`
-applied to them (the example: lanes convs split into regions by work alone, the rule before
+applied to them (`ops.NAME` for those of `sparsert.ops` the planner reads) (the example: lanes convs split into regions by work alone, the rule before
 `plan.lane_region_split`). Why interleaved: this VM's speed moves up to 2x for seconds at a time
 (bench/RESULTS.md), so two plans timed one after the other compare phases, not plans. Here each layer's ops of
 A and of B take turns (`--turns`; the fastest turn of each is kept), then whole calls take turns and each pair
@@ -21,31 +21,43 @@ import numpy as np
 import torch
 
 from sparsert import bench
+from sparsert import ops as ops_module
 from sparsert import plan as plan_module
 from sparsert.convert import sparsify
 
 
+MODULES = {"plan": plan_module, "ops": ops_module}  # whose constants --set may change: planning reads both
+
+
+def _target(name: str):
+    """(module, constant) for 'NAME' (sparsert.plan) or 'ops.NAME' (sparsert.ops)."""
+    module, _, constant = name.rpartition(".")
+    return MODULES.get(module or "plan"), constant
+
+
 def parse_setting(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
-    if not sep or not hasattr(plan_module, name) or not isinstance(getattr(plan_module, name), (int, float)):
-        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE with NAME a numeric constant of sparsert.plan, "
-                                         f"got {text!r}")
+    module, constant = _target(name)
+    if not sep or module is None or not isinstance(getattr(module, constant, None), (int, float)):
+        raise argparse.ArgumentTypeError(f"--set wants NAME=VALUE with NAME a numeric constant of sparsert.plan "
+                                         f"(or ops.NAME, of sparsert.ops), got {text!r}")
     try:
-        return name, type(getattr(plan_module, name))(float(value))
+        return name, type(getattr(module, constant))(float(value))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--set {name}: {value!r} is not a number") from None
 
 
 def build(model, x, settings: dict):
-    """The model's plan for x with `settings` applied to sparsert.plan while it is built (restored after)."""
-    saved = {name: getattr(plan_module, name) for name in settings}
+    """The model's plan for x with `settings` applied while it is built (restored after)."""
+    targets = {name: _target(name) for name in settings}
+    saved = {name: getattr(module, constant) for name, (module, constant) in targets.items()}
     try:
         for name, value in settings.items():
-            setattr(plan_module, name, value)
+            setattr(*targets[name], value)
         plan = sparsify(model).plan_for(x)
     finally:
         for name, value in saved.items():
-            setattr(plan_module, name, value)
+            setattr(*targets[name], value)
     if plan is None:
         raise SystemExit("the model runs eagerly at this batch size: no plan to compare")
     return plan
@@ -123,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--pruning", default="per-layer-90", choices=list(bench.PRUNINGS))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[], metavar="NAME=VALUE",
-                   help="a numeric constant of sparsert.plan for plan B (repeatable)")
+                   help="a numeric constant of sparsert.plan (or ops.NAME: sparsert.ops) for plan B (repeatable)")
     p.add_argument("--turns", type=int, default=25, help="turns per layer; the fastest of each plan is kept")
     p.add_argument("--whole-turns", type=int, default=16, help="whole-call turns per plan")
     args = p.parse_args(argv)

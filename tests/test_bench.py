@@ -164,7 +164,11 @@ def plan_ops_layers(name, batch):
 
 def test_ab_plan_refuses_a_setting_that_is_not_a_plan_constant(capsys):
     ab_plan = _ab_plan()
-    for bad in ("NO_SUCH_CONSTANT=1", "LANE_REGION_GAIN", "LANE_REGION_GAIN=fast"):
+    for bad in ("NO_SUCH_CONSTANT=1", "LANE_REGION_GAIN", "LANE_REGION_GAIN=fast", "kernels.LANE_VECTOR=8",
+                "ops.NO_SUCH_CONSTANT=1"):
         with pytest.raises(SystemExit):
             ab_plan.main(["--model", "tiny_cnn", "--set", bad])
     assert "not a number" in capsys.readouterr().err
+    # sparsert.ops's constants that planning reads are named ops.NAME, and keep their type
+    assert ab_plan.parse_setting("ops.IM2COL_GATHER_COST=4") == ("ops.IM2COL_GATHER_COST", 4.0)
+    assert ab_plan.parse_setting("LANE_MAX_REGIONS=4") == ("LANE_MAX_REGIONS", 4)
