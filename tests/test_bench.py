@@ -67,31 +67,26 @@ def test_add_parser_registers_bench_subcommand():
     assert args.batch_sizes == [1, 2] and args.threads == [1] and args.tiny
 
 
-def test_strip_ceiling_script_runs(capsys):
-    """bench/strip_ceiling.py (the strip kernel's L1 ceiling, aligned vs not) runs and prints every row."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "strip_ceiling.py"
-    spec = importlib.util.spec_from_file_location("strip_ceiling", path)
+def _bench_script(name: str):
+    """bench/<name>.py loaded as a module (bench/ is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(repeats=2)
+    return module
+
+
+def test_strip_ceiling_script_runs(capsys):
+    """bench/strip_ceiling.py (the strip kernel's L1 ceiling, aligned vs not) runs and prints every row."""
+    rows = _bench_script("strip_ceiling").main(repeats=2)
     assert [r[0] for r in rows] == ["4 vectors, 4 accumulators", "4 vectors, 2 x 4 accumulators",
                                     "8 vectors, 8 accumulators"]
     assert all(aligned > 0 and shifted > 0 for _, aligned, shifted in rows)
     assert "dense sgemm" in capsys.readouterr().out
 
 
-def _profile_plan():
-    path = Path(__file__).resolve().parent.parent / "bench" / "profile_plan.py"
-    spec = importlib.util.spec_from_file_location("profile_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_profile_plan_times_every_op_of_the_plan(capsys):
-    profile_plan = _profile_plan()
+    profile_plan = _bench_script("profile_plan")
     result = profile_plan.profile("tiny_cnn", "per-layer-90", 64, repeats=2)
     model = bench.build_case("tiny_cnn", "per-layer-90", 0)
     plan = sparsify(model).plan_for(torch.zeros(64, 3, 16, 16))
@@ -110,7 +105,7 @@ def test_profile_plan_times_every_op_of_the_plan(capsys):
 
 def test_profile_plan_names_a_pruning_that_does_not_apply():
     with pytest.raises(SystemExit, match="does not apply to 'tiny_mlp'"):
-        _profile_plan().profile("tiny_mlp", "global-98", 1, repeats=1)
+        _bench_script("profile_plan").profile("tiny_mlp", "global-98", 1, repeats=1)
 
 
 def test_fastest_seconds_warms_up_once_and_keeps_the_fastest_call():
@@ -127,18 +122,10 @@ def test_fastest_seconds_warms_up_once_and_keeps_the_fastest_call():
     assert 0.002 <= best < 0.03
 
 
-def _ab_plan():
-    path = Path(__file__).resolve().parent.parent / "bench" / "ab_plan.py"
-    spec = importlib.util.spec_from_file_location("ab_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ab_plan_times_the_layers_a_setting_changes(capsys):
     """Plan B splits every lanes conv with edge pixels into its grid of regions (work alone, any saving): each
     layer is timed in A and B, the split ones with more ops in B, and whole calls pair up turn by turn."""
-    ab_plan = _ab_plan()
+    ab_plan = _bench_script("ab_plan")
     from sparsert import plan as plan_module
     before = (plan_module.LANE_REGION_GAIN, plan_module.LANE_STRIP_EXPONENT)
     settings = {"LANE_REGION_GAIN": 1.0, "LANE_STRIP_EXPONENT": 0.0}
@@ -163,7 +150,7 @@ def plan_ops_layers(name, batch):
 
 
 def test_ab_plan_refuses_a_setting_that_is_not_a_plan_constant(capsys):
-    ab_plan = _ab_plan()
+    ab_plan = _bench_script("ab_plan")
     for bad in ("NO_SUCH_CONSTANT=1", "LANE_REGION_GAIN", "LANE_REGION_GAIN=fast", "kernels.LANE_VECTOR=8",
                 "ops.NO_SUCH_CONSTANT=1"):
         with pytest.raises(SystemExit):
