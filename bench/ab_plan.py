@@ -24,6 +24,7 @@ from sparsert import bench
 from sparsert import ops as ops_module
 from sparsert import plan as plan_module
 from sparsert.convert import sparsify
+from sparsert.timing import measure
 
 
 MODULES = {"plan": plan_module, "ops": ops_module}  # whose constants --set may change: planning reads both
@@ -76,8 +77,7 @@ def compare(model_name: str, pruning: str, batch_size: int, settings: dict, turn
     model = bench.build_case(model_name, pruning, seed)
     if model is None:
         raise SystemExit(f"pruning {pruning!r} does not apply to {model_name!r} (no conv weights)")
-    x = torch.randn(batch_size, *bench.ALL_MODELS[model_name].input_shape,
-                    generator=torch.Generator().manual_seed(seed + 2))
+    x = bench.case_input(bench.ALL_MODELS[model_name].input_shape, batch_size, seed)
     x_flat = x.contiguous().numpy().reshape(-1)
     with torch.no_grad():
         expected = model(x)
@@ -86,8 +86,8 @@ def compare(model_name: str, pruning: str, batch_size: int, settings: dict, turn
             torch.testing.assert_close(plan(x), expected, rtol=1e-3, atol=1e-3)
     layers = []
     if plans[0].parts == plans[1].parts:  # the same shares: a layer's ops compare one to one
-        for layer in dict.fromkeys(plans[0].op_layers + plans[1].op_layers):
-            if layer not in plans[0].op_layers or layer not in plans[1].op_layers:
+        for layer in dict.fromkeys(plans[0].op_layers):
+            if layer not in plans[1].op_layers:
                 continue
             rows = [layer_rows(plan, layer) for plan in plans]
             best = [float("inf"), float("inf")]
@@ -101,12 +101,9 @@ def compare(model_name: str, pruning: str, batch_size: int, settings: dict, turn
     with torch.no_grad():
         for turn in range(whole_turns):
             for k in ((0, 1) if turn % 2 else (1, 0)):
-                times, end = [], time.perf_counter() + turn_seconds
-                while not times or time.perf_counter() < end:
-                    start = time.perf_counter()
-                    plans[k](x)
-                    times.append(time.perf_counter() - start)
-                calls[k].append(float(np.median(times)) * 1e3)
+                turn_result = measure(lambda: plans[k](x), repeats=1, min_time=turn_seconds, warmup=0,
+                                      batch_size=batch_size)
+                calls[k].append(turn_result["median"])
     return {"parts": [p.parts for p in plans], "ops": [len(p.ops) for p in plans], "layers": layers,
             "calls_ms": calls, "paired": [a / b for a, b in zip(*calls)]}
 

@@ -92,7 +92,7 @@ class DeepSparseWorker:
 
 def run_case(worker, model, spec, name: str, pruning: str, onnx_file: str, bs: int, args, tmp: Path) -> dict:
     """Checks, then `args.rounds` alternating turns of each engine on one case."""
-    x = torch.randn(bs, *spec.input_shape, generator=torch.Generator().manual_seed(args.seed + bs))
+    x = bench.case_input(spec.input_shape, bs, args.seed)
     what = f"{name} {pruning} bs {bs}"
     with torch.no_grad():
         expected = model(x)

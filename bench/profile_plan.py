@@ -54,8 +54,7 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
     model = bench.build_case(model_name, pruning, seed)
     if model is None:
         raise SystemExit(f"pruning {pruning!r} does not apply to {model_name!r} (no conv weights)")
-    x = torch.randn(batch_size, *bench.ALL_MODELS[model_name].input_shape,
-                    generator=torch.Generator().manual_seed(seed + 2))
+    x = bench.case_input(bench.ALL_MODELS[model_name].input_shape, batch_size, seed)
     sparse = sparsify(model)
     with torch.no_grad():
         plan = sparse.plan_for(x) if hasattr(sparse, "plan_for") else None

@@ -229,6 +229,12 @@ def build_case(model_name: str, pruning: str, seed: int) -> nn.Module | None:
     return model.eval().requires_grad_(False)
 
 
+def case_input(input_shape, batch_size: int, seed: int) -> torch.Tensor:
+    """The input a case is timed on at this batch size: by `sparsert bench` and by the bench/ scripts, so
+    that their figures describe the same call."""
+    return torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed + batch_size))
+
+
 def export_onnx(model: nn.Module, input_shape, path: str) -> None:
     """Dense ONNX export with a dynamic batch dimension (input 'input', output 'output')."""
     example = torch.zeros(1, *input_shape)
@@ -361,7 +367,7 @@ def _run_case(model, spec, case, s, ort, onnx_path, export_s, vers, notes) -> tu
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
         for bs in s["batch_sizes"]:
-            x = torch.randn(bs, *spec.input_shape, generator=torch.Generator().manual_seed(s["seed"] + bs))
+            x = case_input(spec.input_shape, bs, s["seed"])
             base = dict(case, batch_size=bs, num_cores=threads, scenario="singlestream",
                         input_shapes=[[bs, *spec.input_shape]], versions=vers)
             group = []
