@@ -94,7 +94,7 @@ def compare(model_name: str, pruning: str, batch_size: int, settings: dict, turn
             for turn in range(turns):
                 for k in ((0, 1) if turn % 2 else (1, 0)):
                     start = time.perf_counter()
-                    plans[k].run_ops(rows[k], plans[k]._arena, x_flat)
+                    plans[k].run_rows(rows[k], x_flat)
                     best[k] = min(best[k], time.perf_counter() - start)
             layers.append({"layer": layer, "ops": [len(r) for r in rows], "ms": [b * 1e3 for b in best]})
     calls = ([], [])

@@ -200,7 +200,11 @@ def main(argv=None) -> int:
             del engine
             gc.collect()
     doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    # Written beside, then renamed: a run cut short never leaves half a file (sparsert.io.write_json does the same,
+    # but this venv has no sparsert).
+    tmp = Path(f"{args.out}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0 if all(r["check"] in ("ok", "reference", "unchecked") for r in doc["results"]) else 1
 

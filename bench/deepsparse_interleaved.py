@@ -36,6 +36,7 @@ import torch
 
 from sparsert import bench
 from sparsert.convert import sparsify
+from sparsert.io import write_json
 from sparsert.timing import cpu_model, measure
 
 WORKER = Path(__file__).resolve().parent / "deepsparse_compare.py"
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
                machine=dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform()),
                versions=dict(bench.versions(), deepsparse=worker.hello.get("version")),
                settings={k: v for k, v in vars(args).items() if k != "out"}, results=results)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(args.out, doc)
     met = sum(r["median_paired_ratio"] >= 1 for r in results)
     print(f"{met} of {len(results)} cases at or above DeepSparse (median paired ratio); wrote {args.out}")
     return 0

@@ -17,6 +17,7 @@ import torchvision
 from torch.nn.utils import prune
 
 import sparsert
+from sparsert.io import write_json
 
 
 def cuda_median_ms(fn, repeats=50, warmup=10):
@@ -81,8 +82,7 @@ def main(argv=None) -> int:
                 print(json.dumps(row))
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 sparsert=sparsert.__version__, python=platform.python_version())
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    write_json(args.out, dict(meta=meta, results=rows), indent=1)
     return 0
 
 

@@ -66,7 +66,7 @@ def profile(model_name: str, pruning: str, batch_size: int, repeats: int, seed: 
     rows = []
     for i in range(plan.ops.shape[0]):
         ops = plan.ops[i:i + 1]
-        seconds = fastest_seconds(lambda: plan.run_ops(ops, plan._arena, x_flat), repeats)
+        seconds = fastest_seconds(lambda: plan.run_rows(ops, x_flat), repeats)
         macs = multiply_adds(plan.ops[i]) * plan.parts
         rows.append({"index": i, "layer": plan.op_layers[i], "op": OP_NAMES.get(int(plan.ops[i, 0]), str(int(plan.ops[i, 0]))),
                      "parallel": bool(plan.ops[i, 1]), "ms": seconds * 1e3,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -46,6 +45,7 @@ from torch.nn.utils import prune
 from . import __version__
 from .checkpoint import strip_pruning
 from .convert import report, sparsify
+from .io import atomic_output, write_json
 from .models import cifar_resnet18, mlp
 from .timing import PERCENTILES, cpu_model, measure  # noqa: F401  (PERCENTILES: part of this module's interface)
 
@@ -240,8 +240,9 @@ def export_onnx(model: nn.Module, input_shape, path: str) -> None:
     example = torch.zeros(1, *input_shape)
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), path, opset_version=13, dynamo=False, input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        with atomic_output(path) as tmp:  # a file DeepSparse might later read: whole or absent
+            torch.onnx.export(model, (example,), tmp, opset_version=13, dynamo=False, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -335,8 +336,8 @@ def run(args) -> int:
         torch.set_num_threads(saved_threads[0])
         numba.set_num_threads(saved_threads[1])
     if export_dir:
-        with open(export_dir / "manifest.json", "w") as f:
-            json.dump(dict(created_by=f"sparsert.bench {__version__}", versions=vers, models=manifest), f, indent=2)
+        write_json(export_dir / "manifest.json", dict(created_by=f"sparsert.bench {__version__}", versions=vers,
+                                                      models=manifest))
     if args.export_only:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +345,7 @@ def run(args) -> int:
                machine=dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(),
                             loadavg_at_start=load_at_start, loadavg_at_end=os.getloadavg()[0]),
                versions=vers, settings=s, notes=notes, results=records)
-    with open(out_dir / "results.json", "w") as f:
-        json.dump(doc, f, indent=2)
+    write_json(out_dir / "results.json", doc)
     plot(records, out_dir / "speedup.png")
     for note in notes:
         print(f"note: {note}")
@@ -497,7 +497,8 @@ def plot(records: list[dict], path) -> None:
         axes[0].text(0.5, 0.5, "no sparsert timings", transform=axes[0].transAxes, ha="center")
     fig.suptitle(f"sparsert {__version__}, {cpu_model()}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -6,10 +6,8 @@ missing files, a checkpoint of another architecture) print `sparsert <cmd>: erro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
-import secrets
 import sys
 import time
 
@@ -193,16 +191,12 @@ def _check_output(path: str, suffixes: tuple[str, ...] | None = None) -> str:
 
 
 def _torch_save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written checkpoint."""
+    """torch.save through `io.atomic_output`: never a half-written checkpoint."""
     import torch
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
+
+    from .io import atomic_output
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _datasets(args, need_train: bool):

@@ -8,7 +8,6 @@ Writes the .sparse files, demo.json and demo.png (accuracy and speedup against s
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from torch import nn
 from . import arch, data, pruning, training
 from .checkpoint import copy_model
 from .convert import sparsify
-from .io import save
+from .io import atomic_output, save, write_json
 
 
 def digits_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128, num_classes: int = 10) -> nn.Sequential:
@@ -112,7 +111,8 @@ def run_demo(out_dir="sparsert-out", config: DemoConfig | None = None, *, echo=p
         echo(f"[{model_name}] trained dense for {config.epochs} epochs: {acc_dense:.2%} test accuracy "
              f"({time.perf_counter() - stage:.1f} s)")
         dense_path = os.path.join(out_dir, f"{model_name}-dense.pt")
-        torch.save(dense.state_dict(), dense_path)
+        with atomic_output(dense_path) as tmp:
+            torch.save(dense.state_dict(), tmp)
         for target in config.sparsities:
             rows.append(_prune_convert_measure(model_name, spec, dense, target, acc_dense, dense_path, train_set,
                                                test_set, out_dir, config, echo))
@@ -120,8 +120,7 @@ def run_demo(out_dir="sparsert-out", config: DemoConfig | None = None, *, echo=p
     echo(format_table(rows, config.large_batch))
     plot_path = _plot(rows, os.path.join(out_dir, "demo.png"), config.large_batch)
     json_path = os.path.join(out_dir, "demo.json")
-    with open(json_path, "w") as handle:
-        json.dump({"config": asdict(config), "rows": [asdict(r) for r in rows]}, handle, indent=1)
+    write_json(json_path, {"config": asdict(config), "rows": [asdict(r) for r in rows]}, indent=1)
     seconds = time.perf_counter() - started
     echo(f"\nplot: {plot_path}\nresults: {json_path}\ntotal {seconds:.1f} s")
     return {"rows": rows, "plot": plot_path, "json": json_path, "seconds": seconds}
@@ -225,6 +224,7 @@ def _plot(rows: list[DemoRow], path: str, large_batch: int) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

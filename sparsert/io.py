@@ -214,6 +214,21 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _atomic_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    with atomic_output(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)  # safetensors creates the file 0600: give it the permissions any new file gets
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
+
+# ------------------------------------------------------------------------------------- any output file
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside `path` for the block to write; when the block succeeds, fsync that file and
+    rename it over `path`. `path` then holds its old content or the whole new file, never a part of one. On any
+    error (KeyboardInterrupt included) the temporary file is removed and `path` is left as it was. Every file
+    sparsert writes (models, checkpoints, JSON results, plots) goes through here."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: folder {directory} does not exist")
@@ -221,14 +236,11 @@ def _atomic_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
         raise ValueError(f"cannot write {path}: it is a folder")
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)  # safetensors creates the file 0600: give it the permissions any new file gets
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written temp file behind
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
@@ -238,6 +250,14 @@ def _atomic_write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_json(path, doc, *, indent: int = 2) -> None:
+    """`doc` as JSON text at `path`, written through `atomic_output`."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as handle:
+            json.dump(doc, handle, indent=indent)
+            handle.write("\n")
 
 
 # ------------------------------------------------------------------------------------------------ load

@@ -84,6 +84,13 @@ class Plan:
         else:
             ex.run_plan_parts(rows, arena, self.part_len, self.f32, self.u32, self.u16, self.u8, x_flat, self.parts)
 
+    def run_rows(self, rows, x_flat) -> None:
+        """`run_ops` on the plan's own arena, where a call leaves its activations: for the profiling scripts
+        (bench/profile_plan.py, bench/ab_plan.py), which time ops one at a time."""
+        if self._arena is None:
+            self._arena = aligned_empty(self.arena_size)
+        self.run_ops(rows, self._arena, x_flat)
+
     def _run(self, arena, x_flat) -> torch.Tensor:
         offset, layout, shape = self.output
         self.run_ops(self.ops, arena, x_flat)

@@ -48,6 +48,7 @@ def test_tiny_run_writes_json_png_and_onnx(tmp_path):
     files = {m["file"] for m in manifest["models"]}
     assert files == {"tiny_mlp-per-layer-90.onnx", "tiny_cnn-per-layer-90.onnx", "tiny_cnn-global-98.onnx"}
     assert all((onnx_dir / f).stat().st_size > 0 for f in files)
+    assert sorted(p.name for p in onnx_dir.iterdir()) == sorted(files | {"manifest.json"})  # no temp file left
 
 
 def test_export_only_times_nothing(tmp_path):

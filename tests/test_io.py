@@ -251,6 +251,25 @@ def test_save_into_a_missing_folder_is_a_clear_error(tmp_path):
         sparsert.save(sparsert.sparsify(pruned_mlp()), tmp_path / "no" / "m.sparse", arch=arch.spec_of(pruned_mlp()))
 
 
+def test_write_json_failing_mid_document_keeps_the_previous_file_and_no_temp(tmp_path):
+    # json.dump writes the document in pieces: an object it cannot encode stops it halfway through the file.
+    target = tmp_path / "results.json"
+    io.write_json(target, {"rows": [1, 2]})
+    assert json.loads(target.read_text()) == {"rows": [1, 2]} and target.read_text().endswith("\n")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        io.write_json(target, {"rows": [1, 2], "late": object()})
+    assert os.listdir(tmp_path) == ["results.json"] and json.loads(target.read_text()) == {"rows": [1, 2]}
+
+
+def test_atomic_output_refuses_a_folder_and_a_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        with io.atomic_output(tmp_path):
+            pass
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        with io.atomic_output(tmp_path / "no" / "x.json"):
+            pass
+
+
 # ------------------------------------------------------------------------------------ load refusals
 @pytest.fixture
 def saved(tmp_path):
