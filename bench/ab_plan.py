@@ -9,7 +9,9 @@ applied to them (`ops.NAME` for those of `sparsert.ops` the planner reads) (the 
 (bench/RESULTS.md), so two plans timed one after the other compare phases, not plans. Here each layer's ops of
 A and of B take turns (`--turns`; the fastest turn of each is kept), then whole calls take turns and each pair
 of neighbouring turns gives a ratio; the median ratio is the verdict. Every layer is timed, also those whose
-ops the settings leave alone: their A/B shows the noise left. Both plans' outputs are checked against torch
+ops the settings leave alone: their A/B shows the noise left. A layer's time is the whole batch's also in a plan
+that splits the batch (its rows run on every share at once), so a split plan compares with a per-op one layer by
+layer (`--set SPLIT_MIN_ARENA_PER_WEIGHT=0` splits, `=100` does not). Both plans' outputs are checked against torch
 first.
 """
 from __future__ import annotations
@@ -85,18 +87,19 @@ def compare(model_name: str, pruning: str, batch_size: int, settings: dict, turn
         for plan in plans:  # also leaves each op's inputs in its arena, as a call does
             torch.testing.assert_close(plan(x), expected, rtol=1e-3, atol=1e-3)
     layers = []
-    if plans[0].parts == plans[1].parts:  # the same shares: a layer's ops compare one to one
-        for layer in dict.fromkeys(plans[0].op_layers):
-            if layer not in plans[1].op_layers:
-                continue
-            rows = [layer_rows(plan, layer) for plan in plans]
-            best = [float("inf"), float("inf")]
-            for turn in range(turns):
-                for k in ((0, 1) if turn % 2 else (1, 0)):
-                    start = time.perf_counter()
-                    plans[k].run_rows(rows[k], x_flat)
-                    best[k] = min(best[k], time.perf_counter() - start)
-            layers.append({"layer": layer, "ops": [len(r) for r in rows], "ms": [b * 1e3 for b in best]})
+    # A layer's rows run on every share of a split plan at once, so both plans' times are the whole batch's, also
+    # where one plan splits the batch and the other does not.
+    for layer in dict.fromkeys(plans[0].op_layers):
+        if layer not in plans[1].op_layers:
+            continue
+        rows = [layer_rows(plan, layer) for plan in plans]
+        best = [float("inf"), float("inf")]
+        for turn in range(turns):
+            for k in ((0, 1) if turn % 2 else (1, 0)):
+                start = time.perf_counter()
+                plans[k].run_rows(rows[k], x_flat)
+                best[k] = min(best[k], time.perf_counter() - start)
+        layers.append({"layer": layer, "ops": [len(r) for r in rows], "ms": [b * 1e3 for b in best]})
     calls = ([], [])
     with torch.no_grad():
         for turn in range(whole_turns):
@@ -118,8 +121,6 @@ def format_report(result: dict, settings: dict) -> str:
             (oa, ob), (ta, tb) = r["ops"], r["ms"]
             lines.append(f"| {r['layer']} | {oa} | {ob} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} |")
         lines.append("")
-    elif result["parts"][0] != result["parts"][1]:
-        lines += ["(the two plans split the batch differently: layers not compared)", ""]
     a, b, paired = result["calls_ms"][0], result["calls_ms"][1], result["paired"]
     lines.append(f"whole calls: A {np.median(a):.3f} ms, B {np.median(b):.3f} ms (medians of turns); A/B paired: "
                  f"median {np.median(paired):.3f} (range {min(paired):.2f}-{max(paired):.2f}, {len(paired)} pairs)")

@@ -145,6 +145,17 @@ def test_ab_plan_times_the_layers_a_setting_changes(capsys):
     assert "B: LANE_REGION_GAIN=1.0, LANE_STRIP_EXPONENT=0.0" in report and "| layer | ops A |" in report
 
 
+def test_ab_plan_compares_layers_of_plans_that_split_the_batch_differently():
+    """A split plan runs a layer's rows on every share at once, so its layer times are the whole batch's, as those
+    of the per-op plan (how bench/RESULTS.md found which layers gain from the split)."""
+    ab_plan = _bench_script("ab_plan")
+    result = ab_plan.compare("tiny_cnn", "per-layer-90", 64, {"SPLIT_MIN_SHARE": 1000}, turns=2, whole_turns=1,
+                             turn_seconds=0.01)
+    assert result["parts"] == [2, 1]
+    assert {r["layer"] for r in result["layers"]} == set(plan_ops_layers("tiny_cnn", 64))
+    assert all(ms > 0 for r in result["layers"] for ms in r["ms"])
+
+
 def plan_ops_layers(name, batch):
     model = bench.build_case(name, "per-layer-90", 0)
     return sparsify(model).plan_for(torch.zeros(batch, *bench.ALL_MODELS[name].input_shape)).op_layers
