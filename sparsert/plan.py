@@ -82,7 +82,8 @@ class Plan:
         if self.parts == 1:
             ex.run_plan(rows, arena, self.f32, self.u32, self.u16, self.u8, x_flat)
         else:
-            ex.run_plan_parts(rows, arena, self.part_len, self.f32, self.u32, self.u16, self.u8, x_flat, self.parts)
+            ex.run_plan_parts(ex.run_plan_pointer().address, np.ascontiguousarray(rows), arena, self.part_len, self.f32, self.u32,
+                              self.u16, self.u8, np.ascontiguousarray(x_flat), self.parts)
 
     def run_rows(self, rows, x_flat) -> None:
         """`run_ops` on the plan's own arena, where a call leaves its activations: for the profiling scripts

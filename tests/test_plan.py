@@ -636,6 +636,29 @@ def test_split_batch_runs_each_share_serially_and_matches_dense_over_a_nan_arena
     torch.testing.assert_close(_run_on_nan_arena(sparse, x[:48]), model(x[:48]), rtol=1e-4, atol=1e-4)
 
 
+def test_split_executor_reaches_run_plan_through_its_address_compiled_on_first_use():
+    """run_plan_parts calls run_plan through a C function's address (the direct call took 44 s to compile); that C
+    function is built when a split batch first runs, never at import, where it would compile every kernel."""
+    import subprocess
+    import sys
+
+    from sparsert.kernels import executor as ex
+    probe = ("import sparsert, sparsert.kernels.executor as ex; assert ex._run_plan_pointer == []; "
+             "print(type(ex.run_plan_pointer().address).__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "int"
+    arena = np.full(2 * 24, np.nan, np.float32)
+    x = np.arange(8, dtype=np.float32)
+    ops = np.zeros((1, 2 + ex.N_PARAMS), np.int64)
+    ops[0, :4] = (ex.ROWS_TO_FEATURES, 0, 0, 1)  # out 0, 1 row: x's share as one feature-major column
+    ops[0, 4] = 4
+    empty = (np.zeros(1, np.float32), np.zeros(1, np.uint32), np.zeros(1, np.uint16), np.zeros(1, np.uint8))
+    ex.run_plan_parts(ex.run_plan_pointer().address, ops, arena, 24, *empty, x, 2)
+    assert np.array_equal(arena[0:4], x[:4]) and np.array_equal(arena[24:28], x[4:])  # each share in its part
+    assert np.isnan(arena[4:24]).all() and np.isnan(arena[28:]).all()  # nothing else written
+
+
 @pytest.mark.parametrize("shape, threads, parts", [
     ((64, 3, 32, 32), 2, 2), ((128, 3, 8, 8), 4, 4), ((64, 3, 32, 32), 1, 1),  # shares of >= 32 images
     ((48, 3, 32, 32), 2, 1), ((65, 3, 32, 32), 2, 1),                           # 24 a share; uneven
