@@ -129,9 +129,7 @@ def format_report(result: dict, settings: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="cifar_resnet18", choices=list(bench.ALL_MODELS))
-    p.add_argument("--pruning", default="per-layer-90", choices=list(bench.PRUNINGS))
-    p.add_argument("--batch-size", type=int, default=64)
+    bench.add_case_arguments(p, pruning="per-layer-90")
     p.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[], metavar="NAME=VALUE",
                    help="a numeric constant of sparsert.plan (or ops.NAME: sparsert.ops) for plan B (repeatable)")
     p.add_argument("--turns", type=int, default=25, help="turns per layer; the fastest of each plan is kept")

@@ -87,9 +87,7 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="cifar_resnet18", choices=list(bench.ALL_MODELS))
-    p.add_argument("--pruning", default="global-98", choices=list(bench.PRUNINGS))
-    p.add_argument("--batch-size", type=int, default=64)
+    bench.add_case_arguments(p, pruning="global-98")
     p.add_argument("--repeats", type=int, default=10, help="runs per op; the fastest is kept")
     args = p.parse_args(argv)
     print(format_table(profile(args.model, args.pruning, args.batch_size, args.repeats)))

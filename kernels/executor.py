@@ -371,10 +371,11 @@ _run_plan_pointer = []
 def run_plan_pointer():
     """`_run_plan_at` as a C function, compiled (or loaded from the disk cache) on first use: compiled at import,
     it would compile every kernel before anyone asked for a split batch."""
-    with _pointer_lock:
-        if not _run_plan_pointer:
-            _run_plan_pointer.append(cfunc(_RUN_PLAN_AT, cache=True)(_run_plan_at))
-        return _run_plan_pointer[0]
+    if not _run_plan_pointer:  # every split call asks: the lock only until it exists
+        with _pointer_lock:
+            if not _run_plan_pointer:
+                _run_plan_pointer.append(cfunc(_RUN_PLAN_AT, cache=True)(_run_plan_at))
+    return _run_plan_pointer[0]
 
 
 @njit(parallel=True, **OPTIONS)

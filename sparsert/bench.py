@@ -45,7 +45,7 @@ from torch.nn.utils import prune
 from . import __version__
 from .checkpoint import strip_pruning
 from .convert import report, sparsify
-from .io import atomic_output, write_json
+from .io import atomic_output, save_figure, write_json
 from .models import cifar_resnet18, mlp
 from .timing import PERCENTILES, cpu_model, measure  # noqa: F401  (PERCENTILES: part of this module's interface)
 
@@ -227,6 +227,13 @@ def build_case(model_name: str, pruning: str, seed: int) -> nn.Module | None:
     calibrate_batchnorm(model, spec.input_shape, torch.Generator().manual_seed(seed + 1))
     strip_pruning(model)
     return model.eval().requires_grad_(False)
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, pruning: str) -> None:
+    """--model, --pruning (default `pruning`) and --batch-size: one case, for the bench/ scripts that study one."""
+    parser.add_argument("--model", default="cifar_resnet18", choices=list(ALL_MODELS))
+    parser.add_argument("--pruning", default=pruning, choices=list(PRUNINGS))
+    parser.add_argument("--batch-size", type=int, default=64)
 
 
 def case_input(input_shape, batch_size: int, seed: int) -> torch.Tensor:
@@ -497,8 +504,7 @@ def plot(records: list[dict], path) -> None:
         axes[0].text(0.5, 0.5, "no sparsert timings", transform=axes[0].transAxes, ha="center")
     fig.suptitle(f"sparsert {__version__}, {cpu_model()}", fontsize=9)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -191,12 +191,8 @@ def _check_output(path: str, suffixes: tuple[str, ...] | None = None) -> str:
 
 
 def _torch_save_atomic(obj, path: str) -> None:
-    """torch.save through `io.atomic_output`: never a half-written checkpoint."""
-    import torch
-
-    from .io import atomic_output
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    from .io import torch_save  # imported here: `sparsert --help` stays free of torch
+    torch_save(obj, path)
 
 
 def _datasets(args, need_train: bool):

@@ -19,7 +19,7 @@ from torch import nn
 from . import arch, data, pruning, training
 from .checkpoint import copy_model
 from .convert import sparsify
-from .io import atomic_output, save, write_json
+from .io import save, save_figure, torch_save, write_json
 
 
 def digits_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128, num_classes: int = 10) -> nn.Sequential:
@@ -111,8 +111,7 @@ def run_demo(out_dir="sparsert-out", config: DemoConfig | None = None, *, echo=p
         echo(f"[{model_name}] trained dense for {config.epochs} epochs: {acc_dense:.2%} test accuracy "
              f"({time.perf_counter() - stage:.1f} s)")
         dense_path = os.path.join(out_dir, f"{model_name}-dense.pt")
-        with atomic_output(dense_path) as tmp:
-            torch.save(dense.state_dict(), tmp)
+        torch_save(dense.state_dict(), dense_path)
         for target in config.sparsities:
             rows.append(_prune_convert_measure(model_name, spec, dense, target, acc_dense, dense_path, train_set,
                                                test_set, out_dir, config, echo))
@@ -224,7 +223,6 @@ def _plot(rows: list[DemoRow], path: str, large_batch: int) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
     plt.close(fig)
     return path

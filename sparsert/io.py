@@ -260,6 +260,19 @@ def write_json(path, doc, *, indent: int = 2) -> None:
             handle.write("\n")
 
 
+def torch_save(obj, path) -> None:
+    """torch.save through `atomic_output`: never a half-written checkpoint."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure(fig, path, *, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG at `path`, through `atomic_output` (the temp name has no .png suffix, so the
+    format is given)."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
 # ------------------------------------------------------------------------------------------------ load
 def load(path, *, trust_arch: bool = False) -> nn.Module:
     """Rebuild the model saved at `path`: eval mode, on CPU, ready to run without any other file.
