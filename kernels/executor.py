@@ -20,7 +20,8 @@ from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_con
                    sparse_conv_par, sparse_conv_seq)
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_maxpool_par,
                     lane_conv_maxpool_seq, lane_conv_par, lane_conv_seq,
-                    lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq)
+                    lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq,
+                    from_tiles_par, from_tiles_seq, to_tiles_par, to_tiles_seq)
 from .layout import rows_to_features_par, rows_to_features_seq
 from .sliced import sliced_matvec
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_blocked_seq, csr_spmm_dispatch
@@ -29,6 +30,7 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_b
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
+TO_TILES, FROM_TILES = 23, 24
 N_PARAMS = 28
 
 
@@ -148,27 +150,43 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 from_lanes_par(src, n_img, height, width, 1, p[6], dst)
             else:
                 from_lanes_seq(src, n_img, height, width, 1, p[6], dst)
+        elif code == TO_TILES or code == FROM_TILES:
+            # p: image (batch-1 CNHW) for TO_TILES, else tiles; the other, C, H, W, tiles_y, tiles_x, lanes, plane
+            #    (kernels.lanes._to_tiles)
+            n_chan, height, width = p[2], p[3], p[4]
+            image = arena[p[0] if code == TO_TILES else p[1]:][:n_chan * height * width].reshape((n_chan, height, width))
+            tiles = arena[p[1] if code == TO_TILES else p[0]:][:n_chan * p[8]].reshape((n_chan, p[8]))
+            if code == TO_TILES:
+                if par:
+                    to_tiles_par(image, p[5], p[6], p[7], tiles)
+                else:
+                    to_tiles_seq(image, p[5], p[6], p[7], tiles)
+            elif par:
+                from_tiles_par(tiles, p[5], p[6], p[7], image)
+            else:
+                from_tiles_seq(tiles, p[5], p[6], p[7], image)
         elif code == LANE_CONV:
             # p: x, C_in, plane_in, out, C_out, plane_out, residual (-1: none), relu, origin, step_y, step_x,
             #    OH, OW, lanes, cells_per_strip, co_block, block bounds (u32 [C_out, 2 n_blocks]), n_blocks, tap offsets,
             #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
-            #    output cells per row with border
+            #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9])
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
             res = arena[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5])) if has_res else out
             bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
             offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
+            keep = u32[p[26]:p[26] + 9]
             if par:
                 if p[23]:
                     zero_border_par(out, p[23], p[24], 1, p[13])
                 lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
             else:
                 if p[23]:
                     zero_border_seq(out, p[23], p[24], 1, p[13])
                 lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15])
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
         elif code == LANE_CONV_MAXPOOL:
             # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
             #    lanes, cells_per_strip, block bounds (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,

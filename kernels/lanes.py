@@ -140,8 +140,51 @@ def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out
                        has_add, relu, data, 0, False)
 
 
+@intrinsic
+def keep_lanes_copy(typingctx, arr, src, dst, keep):
+    """arr[dst + t] = arr[src + t] where bit t of keep is set, else 0, for t < 16: one unaligned load, a select
+    and a store (float32, flat C array; the 16 values read must lie inside arr)."""
+    if not isinstance(arr, types.Array) or arr.layout != "C" or arr.dtype != types.float32:
+        raise TypingError(f"keep_lanes_copy: arr must be a C-contiguous float32 array, got {arr}")
+    sig = types.void(arr, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        arr_v, src_v, dst_v, keep_v = args
+        vec = ir.VectorType(ir.FloatType(), LANE_VECTOR)
+        ptr = context.make_array(signature.args[0])(context, builder, arr_v).data
+        values = builder.load(builder.bitcast(builder.gep(ptr, [src_v]), vec.as_pointer()), align=4)
+        mask = builder.bitcast(builder.trunc(keep_v, ir.IntType(LANE_VECTOR)), ir.VectorType(ir.IntType(1), LANE_VECTOR))
+        kept = builder.select(mask, values, ir.Constant(vec, None))
+        builder.store(kept, builder.bitcast(builder.gep(ptr, [dst_v]), vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True)
+def write_halo(plane, sy, x0, n, th, tw, tiles_x, keep):
+    """Copy cells x0 .. x0 + n - 1 of frame row sy (interior) of a tiled lanes plane (`_to_tiles`: 16 tiles, one
+    per lane) to the halo cells that hold them: a tile's first row is the bottom border of the tile above it, its
+    last row the top border of the tile below, its first and last cells the right and left border cells of its
+    neighbours, corners alike. The copy shifts the lanes by dy * tiles_x + dx (the neighbour's lane) and zeroes
+    the tiles past the image (keep[(dy + 1) * 3 + dx + 1], bit t: tile t has a neighbour at (dy, dx))."""
+    wq = tw + 2
+    for dy in range(-1, 2):  # the row this one feeds: the top border (-1), its own row's side cells (0), the bottom
+        if (dy == -1 and sy != th) or (dy == 1 and sy != 1):
+            continue
+        src = sy * wq * LANE_VECTOR + dy * tiles_x
+        dst = (sy + dy * th) * wq * LANE_VECTOR
+        if dy != 0:
+            for sx in range(x0, x0 + n):
+                keep_lanes_copy(plane, src + sx * LANE_VECTOR, dst + sx * LANE_VECTOR, keep[(dy + 1) * 3 + 1])
+        if x0 <= tw < x0 + n:  # the last cell: the left border cell of the tile to the right
+            keep_lanes_copy(plane, src + tw * LANE_VECTOR - 1, dst, keep[(dy + 1) * 3])
+        if x0 <= 1 < x0 + n:  # the first cell: the right border cell of the tile to the left
+            keep_lanes_copy(plane, src + LANE_VECTOR + 1, dst + (wq - 1) * LANE_VECTOR, keep[(dy + 1) * 3 + 2])
+
+
 def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,
-               out_origin, out_h, out_w, lanes, cells_per_strip, co_block):
+               out_origin, out_h, out_w, lanes, cells_per_strip, co_block, tiles_x, keep):
     """out[co, cell(oy, ox)] = relu?(bias[co] + sum_k data[k] * x.flat[src(oy, ox) + offsets[k]] + residual[co, cell])
     for the out_h x out_w block of output cells whose first cell is out_origin (cell(oy, ox) = out_origin + oy *
     wq_out + ox): a whole map's interior, or one region of it (plan.lane_regions).
@@ -154,7 +197,8 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     (channels x taps x cells) stays in L1 while every output channel of the item reads it; each block
     after the first adds to the partial sums in `out`.
     Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s
-    job. Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
+    job, except on a tiled map (tiles_x > 0: `_to_tiles`), whose halo cells each item copies from its cells
+    (`write_halo`, keep its masks), so that every tiled activation carries its halo for the next conv. Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
     neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
     64) for co_block output channels."""
     n_out = out.shape[0]
@@ -162,7 +206,7 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     segments = (out_w + cells_per_strip - 1) // cells_per_strip
     blocks = (n_out + co_block - 1) // co_block
     zero = data[:0].sum()  # 0 in the weights' dtype
-    for item in prange(out_h * segments * blocks):
+    for item in prange(out_h * segments * blocks):  # output rows outermost: a static split gives each thread rows
         block = item % blocks
         ox = (item // blocks % segments) * cells_per_strip
         oy = item // blocks // segments
@@ -179,6 +223,9 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
                 init = bias[co] if first else zero
                 cells_strip(x, src, step_x, lanes, n_cells, offsets, data, bounds[co, 2 * b], bounds[co, 2 * b + 1], init,
                             out, row, add, has_residual or not first, relu and last)
+        if tiles_x:  # a tiled map (whole tile, out_origin its first interior cell): its halo, from the final values
+            for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
+                write_halo(out[co], oy + 1, ox + 1, n_cells, out_h, out_w, tiles_x, keep)
 
 
 def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, relu, conv_h, conv_w, lanes,
@@ -333,7 +380,52 @@ def _lane_avgpool(x, n_img, height, width, border, lanes, out):
             out[c, n] = acc[n] / (height * width)
 
 
+def _to_tiles(x, tiles_y, tiles_x, lanes, out):
+    """out[c] = the tiled lanes plane of channel c of a batch-1 image x[C, H, W]: the image cut into
+    tiles_y x tiles_x tiles of th x tw pixels, tile t = ty * tiles_x + tx in lane t of every cell. Cell (y, xx)
+    of the (th + 2) x (tw + 2) frame, lane t, holds pixel (ty * th + y - 1, tx * tw + xx - 1): the frame's border
+    is the neighbouring tiles' edge pixels (the halo; zero past the image), so a 3x3 conv reads a tile's
+    neighbourhood as it reads a batch image's zero padding. Spare lanes and the plane's padding are zeroed."""
+    n_chan, height, width = x.shape
+    th, tw = height // tiles_y, width // tiles_x
+    hq, wq = th + 2, tw + 2
+    for cy in prange(n_chan * hq):
+        c, y = cy // hq, cy % hq
+        plane = out[c]
+        plane[y * wq * lanes:(y + 1) * wq * lanes] = 0.0
+        if y == hq - 1:
+            plane[hq * wq * lanes:] = 0.0
+        for ty in range(tiles_y):
+            iy = ty * th + y - 1
+            if iy < 0 or iy >= height:
+                continue
+            for tx in range(tiles_x):
+                t = ty * tiles_x + tx
+                for xx in range(wq):
+                    ix = tx * tw + xx - 1
+                    if 0 <= ix < width:
+                        plane[(y * wq + xx) * lanes + t] = x[c, iy, ix]
+
+
+def _from_tiles(x, tiles_y, tiles_x, lanes, out):
+    """out[c, Y, X] = the image pixel a tiled lanes activation x[C, plane] holds (see `_to_tiles`), interior cells
+    only. Out: out[C, H, W] (batch-1 CNHW)."""
+    n_chan, height, width = out.shape
+    th, tw = height // tiles_y, width // tiles_x
+    wq = tw + 2
+    for c in prange(n_chan):
+        plane = x[c]
+        for ty in range(tiles_y):
+            for y in range(th):
+                for tx in range(tiles_x):
+                    t = ty * tiles_x + tx
+                    for xx in range(tw):
+                        out[c, ty * th + y, tx * tw + xx] = plane[((y + 1) * wq + xx + 1) * lanes + t]
+
+
 lane_conv_par, lane_conv_seq = twin(_lane_conv)
+to_tiles_par, to_tiles_seq = twin(_to_tiles)
+from_tiles_par, from_tiles_seq = twin(_from_tiles)
 lane_conv_maxpool_par, lane_conv_maxpool_seq = twin(_lane_conv_maxpool)
 zero_border_par, zero_border_seq = twin(_zero_border)
 to_lanes_par, to_lanes_seq = twin(_to_lanes)
@@ -356,4 +448,5 @@ def lane_offsets(columns, kernel_size, dilation, plane: int, wq: int, lanes: int
 __all__ = ["LANE_VECTOR", "channel_blocks", "lane_count", "lane_offsets", "lane_conv_par", "lane_conv_seq", "lane_conv_maxpool_par",
            "lane_conv_maxpool_seq", "zero_border_par",
            "zero_border_seq", "to_lanes_par", "to_lanes_seq", "from_lanes_par", "from_lanes_seq", "lane_maxpool_par",
-           "lane_maxpool_seq", "lane_avgpool_par", "lane_avgpool_seq"]
+           "lane_maxpool_seq", "lane_avgpool_par", "lane_avgpool_seq", "to_tiles_par", "to_tiles_seq", "from_tiles_par",
+           "from_tiles_seq"]

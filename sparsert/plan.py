@@ -168,6 +168,8 @@ class _Builder:
         self.converted: dict[tuple, tuple] = {}        # (offset, layout) -> that buffer converted to layout
         self.masks: dict[tuple, int] = {}              # grid geometry (H, W) -> border mask in f32
         self.lanes = False                             # 4-D activations batch-in-lanes (kernels.lanes)
+        self.tiles = False                             # batch 1: large maps tiled into lanes (see TILES)
+        self.halo_masks = -1                           # u32 offset of the tiled lanes convs' halo masks (once)
         self.relu_flag: dict = {}                      # node -> [(row, param)]: the ReLU flags of the ops writing it
         self.modules: dict[str, nn.Module] = {}        # the graph's submodules, by name
         self.fused: dict = {}                          # node -> its buffer, already written by an earlier op
@@ -348,6 +350,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
             if len(shape) == 4:
                 n, c, h, w = shape
                 b.lanes = n >= LANE_MIN_BATCH
+                b.tiles = n == 1 and _tile_plan(gm, modules)
                 off = b.alloc(n * c * h * w)
                 b.emit(ex.NCHW_TO_CNHW, 0, off, n, c, h, w)
                 buffers[node] = (off, "cnhw", (c, n, h, w))
@@ -360,7 +363,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
             result = node.args[0]
             if not isinstance(result, torch.fx.Node) or result not in buffers:
                 raise Unsupported("output is not a single tensor")
-            output = _cnhw(b, buffers[result]) if buffers[result][1] in ("grid", "lanes") else buffers[result]
+            output = _cnhw(b, buffers[result]) if buffers[result][1] in ("grid", "lanes", "tiles") else buffers[result]
         elif node.op == "call_module":
             first_row = len(b.rows)
             buffers[node] = _lower_module(b, modules[node.target], node, buffers, meta)
@@ -448,6 +451,8 @@ def _lower_function(b: _Builder, node, buffers, meta):
         a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
         if a[1] != c[1] and "lanes" in (a[1], c[1]):  # one layout for both: border zeros add to zero
             a, c = _lanes(b, a), _lanes(b, c)
+        elif a[1] != c[1] and "tiles" in (a[1], c[1]):  # the sum's border is refilled before a conv reads it
+            a, c = _tiles(b, a), _tiles(b, c)
         elif a[1] != c[1] and "grid" in (a[1], c[1]):
             a, c = _grid(b, a), _grid(b, c)
         if a[1:] != c[1:]:
@@ -487,6 +492,9 @@ def _size(buf) -> int:
     if buf[1] == "lanes":
         c, n, h, w = buf[2]
         return c * lane_geometry(n, h, w)[3]
+    if buf[1] == "tiles":
+        c, _, h, w = buf[2]
+        return c * tile_geometry(h, w)[3]
     return int(np.prod(buf[2]))
 
 
@@ -506,6 +514,14 @@ def _cnhw(b, buf):
             lanes, _, _, plane = lane_geometry(n, h, w)
             off = b.alloc(c * n * h * w)
             b.emit(ex.FROM_LANES, c * n * h * w, off_in, off, c, n, h, w, lanes, plane)
+            b.converted[(buf[0], "cnhw")] = (off, "cnhw", (c, n, h, w))
+        return b.converted[(buf[0], "cnhw")]
+    if buf[1] == "tiles":
+        if (buf[0], "cnhw") not in b.converted:
+            off_in, _, (c, n, h, w) = buf
+            lanes, _, _, plane = tile_geometry(h, w)
+            off = b.alloc(c * h * w)
+            b.emit(ex.FROM_TILES, c * h * w, off_in, off, c, h, w, *TILES, lanes, plane)
             b.converted[(buf[0], "cnhw")] = (off, "cnhw", (c, n, h, w))
         return b.converted[(buf[0], "cnhw")]
     if buf[1] != "cnhw":
@@ -666,9 +682,9 @@ def _lower_dense_conv(b: _Builder, m: nn.Conv2d, buf):
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, m.stride, m.dilation, m.kernel_size)
     fmt = _dense_as_csr(m, n * out_h * out_w)
     bias = m.bias.detach().numpy() if m.bias is not None else np.zeros(m.out_channels, np.float32)
-    if b.lanes:
+    if b.lanes or _runs_tiled(b, h, w, m.kernel_size, m.stride, m.dilation, pads):
         return _lower_lane_conv(b, buf, None, fmt.indptr, fmt.indices, fmt.data, bias, False, m.kernel_size, m.stride,
-                                m.dilation, pads)[0]
+                                m.dilation, pads, tiled=not b.lanes)[0]
     return _lower_im2col_conv(b, _cnhw(b, buf)[0], (c, n, h, w), -1, fmt.indptr, fmt.indices, fmt.data, bias, False,
                               m.kernel_size, m.stride, m.dilation, pads)
 
@@ -757,7 +773,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     if m.padding_mode != "zeros" or m.format != "csr" or m.values.dtype != torch.float32 or m.backend == "torch":
         raise Unsupported("conv outside the numba kernel's scope")
     src = _arg(node, buffers)
-    if src[1] not in ("cnhw", "grid", "lanes"):
+    if src[1] not in ("cnhw", "grid", "lanes", "tiles"):
         raise Unsupported("expected a 4-D activation")
     c, n, h, w = src[2]
     residual = node.kwargs.get("residual")
@@ -768,7 +784,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
     res = None
     if residual is not None:
         res = buffers.get(residual)
-        if res is None or res[1] not in ("cnhw", "grid", "lanes") or tuple(res[2]) != out_shape:
+        if res is None or res[1] not in ("cnhw", "grid", "lanes", "tiles") or tuple(res[2]) != out_shape:
             raise Unsupported("residual shape differs from the conv output")
     if b.lanes:
         pool = _sole_maxpool(b, node) if res is None else None
@@ -778,6 +794,14 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         if pooled:
             b.fused[pool[0]] = out
         return out
+    if _runs_tiled(b, h, w, m.kernel_size, m.stride, m.dilation, m.pads):
+        return _lower_lane_conv(b, src, res, m.indptr.numpy(), m.indices.numpy(), m.values.detach().numpy(),
+                                m.bias_or_zeros.detach().numpy(), m.relu, m.kernel_size, m.stride, m.dilation, m.pads,
+                                tiled=True)[0]
+    if src[1] == "tiles":  # the kernels below read dense or grid activations
+        src = _cnhw(b, src)
+    if res is not None and res[1] == "tiles":
+        res = _cnhw(b, res)
     im2col = ops.uses_im2col(n, out_h, out_w, hq, wq, m.out_channels, m.density)
     if _runs_on_grid(m, n, h, w):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
@@ -854,6 +878,95 @@ def _lanes(b, buf, border: int = 1):
         b.emit(ex.TO_LANES, c * plane, off_in, off, c, n, h, w, border, lanes, plane)
         b.converted[key] = (off, "lanes", (c, n, h, w))
     return b.converted[key]
+
+
+# Batch 1: a conv whose output map is at least TILE_MIN_CELLS x that many cells per tile runs on the map cut into
+# TILES (rows x columns of tiles), one tile per lane (kernels.lanes._to_tiles): the lanes conv then runs with whole
+# 16-float vectors on cache-line-aligned cells, where the batch-1 grid conv's +-1 tap shifts split its loads. Each
+# tile's border cells hold its neighbours' edge pixels (the halo): the conversion and every tiled conv write it
+# (kernels.lanes.write_halo), elementwise ops keep it (the sum of two halos is the sum's halo).
+TILES = (4, 4)  # 16 tiles: one float32 vector of lanes (kernels.lanes.write_halo assumes it)
+# Output tiles of fewer cells a side lost (CIFAR ResNet18 global-98's layer3 on 2x2 tiles: its ops faster, whole
+# calls 1.08x slower, paired turns). So did stride-1 convs with few nonzeros per output channel, whose strips are
+# mostly epilogue (per-layer 98%: 12-23 a row, 1.07-1.4x slower tiled than on the grid; 58 at 90%: 1.2-1.4x
+# faster), while strided convs gained at any density (2.5-3.3x: no pack of stride phases). Conversions between
+# tiles and the other layouts cost about what one such conv gains (64 x 32 x 32: 0.06 ms), so a plan tiles all the
+# convs it can or none: all where their nonzeros per output channel average TILE_MIN_ROW_NNZ, weighted by work.
+TILE_MIN_CELLS = 4
+TILE_MIN_ROW_NNZ = 32
+
+
+def tile_geometry(h: int, w: int) -> tuple[int, int, int, int]:
+    """(lanes, tile rows, tile cols, channel plane length) of a tiled activation of an h x w map."""
+    th, tw = h // TILES[0], w // TILES[1]
+    lanes, _, _, plane = lane_geometry(TILES[0] * TILES[1], th, tw)
+    return lanes, th, tw, plane
+
+
+def _tile_plan(gm: torch.fx.GraphModule, modules: dict) -> bool:
+    """Whether a batch-1 plan tiles its convs (after ShapeProp): those that can (`_fits_tiles`) average at least
+    TILE_MIN_ROW_NNZ nonzeros per output channel, weighted by their multiply-adds."""
+    work = row_nnz_work = 0.0
+    for node in gm.graph.nodes:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(m, (SparseConv2d, nn.Conv2d)) or not node.args or "tensor_meta" not in node.meta:
+            continue
+        _, _, h, w = node.args[0].meta["tensor_meta"].shape
+        pads = m.pads if isinstance(m, SparseConv2d) else explicit_pads(m.padding, m.kernel_size, m.dilation)
+        if not _fits_tiles(h, w, m.kernel_size, m.stride, m.dilation, pads):
+            continue
+        nnz = m.nnz if isinstance(m, SparseConv2d) else m.weight.numel()
+        out_h, out_w = node.meta["tensor_meta"].shape[2:]
+        work += nnz * out_h * out_w
+        row_nnz_work += nnz / m.out_channels * nnz * out_h * out_w
+    return work > 0 and row_nnz_work / work >= TILE_MIN_ROW_NNZ
+
+
+def _runs_tiled(b: _Builder, h: int, w: int, kernel_size, stride, dilation, pads) -> bool:
+    return b.tiles and _fits_tiles(h, w, kernel_size, stride, dilation, pads)
+
+
+def _fits_tiles(h: int, w: int, kernel_size, stride, dilation, pads) -> bool:
+    """Whether a conv can run on tiles: the input map and the output map split into TILES evenly, with output
+    tiles of at least TILE_MIN_CELLS cells a side, and every tap of every output pixel reads its own input tile or
+    the one-cell halo around it."""
+    if h % TILES[0] or w % TILES[1]:
+        return False
+    out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
+    for size, out, tiles, k, s, d, pad in ((h, out_h, TILES[0], kernel_size[0], stride[0], dilation[0], pads[0]),
+                                           (w, out_w, TILES[1], kernel_size[1], stride[1], dilation[1], pads[2])):
+        tile_in, tile_out = size // tiles, out // tiles
+        if out % tiles or tile_out < TILE_MIN_CELLS or tile_in != tile_out * s or pad > 1:
+            return False
+        if (tile_out - 1) * s - pad + (k - 1) * d > tile_in:  # the last pixel's taps reach past the halo
+            return False
+    return True
+
+
+def _tiles(b, buf):
+    """The batch-1 4-D activation buf tiled (TILE_MIN_CELLS), halo included, converting once (the copy lives as
+    long as buf)."""
+    if buf[1] == "tiles":
+        return buf
+    key = (buf[0], "tiles")
+    if key not in b.converted:
+        off_in, _, (c, n, h, w) = _cnhw(b, buf)
+        lanes, _, _, plane = tile_geometry(h, w)
+        off = b.alloc(c * plane)
+        b.emit(ex.TO_TILES, c * plane, off_in, off, c, h, w, *TILES, lanes, plane)
+        b.converted[key] = (off, "tiles", (c, n, h, w))
+    return b.converted[key]
+
+
+def _halo_masks(b) -> int:
+    """u32 offset of the 9 masks a tiled lanes conv writes its halo with (kernels.lanes.write_halo): bit t of mask
+    (dy + 1) * 3 + dx + 1 is set where tile t has a neighbour at (dy, dx)."""
+    if b.halo_masks < 0:
+        ty, tx = np.divmod(np.arange(TILES[0] * TILES[1]), TILES[1])
+        b.halo_masks = b.weights_u32([
+            int(np.sum(((0 <= ty + dy) & (ty + dy < TILES[0]) & (0 <= tx + dx) & (tx + dx < TILES[1])) << np.arange(ty.size)))
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return b.halo_masks
 
 
 def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> int:
@@ -982,7 +1095,7 @@ def _sole_maxpool(b: _Builder, node):
 
 
 def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu, kernel_size, stride, dilation, pads,
-                     pool: nn.MaxPool2d | None = None):
+                     pool: nn.MaxPool2d | None = None, tiled: bool = False):
     """A conv (any kernel, stride, dilation, padding) from a lanes activation to one (kernels.lanes).
     Returns (buffer, pooled): with `pool` (a max pool, the conv's only reader) the op also pools, and the
     buffer is the pool's output, where the conv runs as one op (no region split); otherwise pooled is False.
@@ -993,32 +1106,42 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     nonzeros; otherwise one op covers the map, without the taps no pixel reads (`live_taps`).
     A/B at batch 64 (one 64-lane plan), 10% density: 3x3 convs on 2x2 maps 1.4-1.5x faster as a grid, from
     4x4 to 2x2 at stride 2 1.2x, on 4x4 maps 1.04-1.1x, on 8x8 maps even (edge regions one cell wide run
-    half-width strips); at 32 lanes see `lane_region_split`."""
+    half-width strips); at 32 lanes see `lane_region_split`.
+
+    tiled: a batch-1 conv on tiles (`_runs_tiled`), tile by tile as if each were an image of a batch, except that a
+    tile's border is its halo: every tap is live, there are no regions, and the halo is refilled first."""
     c, n, h, w = src[2]
+    if tiled:
+        image_out = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)[:2]
+        n, h, w = TILES[0] * TILES[1], h // TILES[0], w // TILES[1]
+        pool = None
     out_channels = len(indptr) - 1
     out_h, out_w, _, _ = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)
     border = max(1, *pads)
-    x = _lanes(b, src, border)
+    x = _tiles(b, src) if tiled else _lanes(b, src, border)
     lanes, _, wq_in, plane_in = lane_geometry(n, h, w, border)
     _, hq_out, wq_out, plane_out = lane_geometry(n, out_h, out_w)
     (kh, kw), (sh, sw) = kernel_size, stride
     taps = kh * kw
     indptr, indices = np.asarray(indptr).astype(np.int64), np.asarray(indices).astype(np.int64)
     tap_nnz = np.bincount(indices % taps, minlength=taps)
-    whole = (0, out_h, 0, out_w, live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
+    whole = (0, out_h, 0, out_w, np.ones(taps, bool) if tiled else
+             live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
     if (sh, sw) == (1, 1):
         cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
-    regions = lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz, lanes,
-                                cells_per_strip, whole)
-    native_res = res is not None and res[1] == "lanes"
+    regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,
+                                                      lanes, cells_per_strip, whole)
+    layout = "tiles" if tiled else "lanes"
+    native_res = res is not None and res[1] == layout
     if res is not None:
-        res = _lanes(b, res)
+        res = _tiles(b, res) if tiled else _lanes(b, res)
     if len(regions) > 1 or res is not None:
         pool = None
-    if pool is not None or _reads_border(regions, tap_nnz, h, w, out_h, out_w, kernel_size, stride, dilation, pads):
-        b.read_border(x)
+    if not tiled and (pool is not None or
+                      _reads_border(regions, tap_nnz, h, w, out_h, out_w, kernel_size, stride, dilation, pads)):
+        b.read_border(x)  # (a tiled activation always carries its halo)
     if pool is not None:
         # The unfused pair wrote and re-read the whole conv map: torchvision resnet18's stem at batch 64 is a
         # 5.3 MB map, and conv and pool both ran at memory speed.
@@ -1057,14 +1180,16 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                    scratch, threads)
             b.free(scratch)
             return (out, "lanes", (out_channels, n, pool_h, pool_w)), True
-        if i == 0:
+        if i == 0 and not tiled:
             b.border_op[out] = len(b.rows)
             b.border_rows.add(len(b.rows))
         b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
                -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
                co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
-               b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1, hq_out if i == 0 else 0,
-               wq_out)
+               b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1,
+               hq_out if i == 0 and not tiled else 0, wq_out, TILES[1] if tiled else 0, _halo_masks(b) if tiled else 0)
+    if tiled:
+        return (out, "tiles", (out_channels, 1, *image_out)), False
     return (out, "lanes", (out_channels, n, out_h, out_w)), False
 
 

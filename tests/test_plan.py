@@ -1066,3 +1066,107 @@ def test_an_elementwise_reader_keeps_its_inputs_border_zeroed(make, op):
     assert getattr(ex, op) in plan.ops[:, 0].tolist()
     assert [int(row[2 + 23] != 0) for row in plan.ops if row[0] == ex.LANE_CONV][:2] == [1, 1]
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- batch 1 on tiles
+class _TileNet(nn.Module):
+    """A CIFAR ResNet's first stages at batch 1: a stem kept dense, a residual block, a strided conv with a 1x1
+    downsample, an unfused add with a ReLU, then a stride-2 conv to a map too small for tiles, average pool, fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # left unpruned: stays dense
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(16, 32, 1, stride=2, bias=False)
+        self.c = nn.Conv2d(32, 32, 3, padding=1)
+        self.small = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.b(torch.relu(self.a(x))) + x)
+        y = self.down(x) + self.skip(x)
+        y = torch.relu(y + self.c(y))
+        return self.fc(torch.flatten(self.avg(torch.relu(self.small(y))), 1))
+
+
+def _tile_net(density):
+    torch.manual_seed(0)
+    model = _TileNet().eval()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "stem":
+            _masked(m, density)
+    return model
+
+
+def _tiled_convs(plan):
+    """LANE_CONV ops on tiles (param 25: tiles per row of a tiled map, 0 otherwise)."""
+    from sparsert.kernels import executor as ex
+    return sum(1 for row in plan.ops if row[0] == ex.LANE_CONV and row[2 + 25] != 0)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48), (48, 32)])
+def test_tiled_network_matches_dense_over_a_nan_arena(size):
+    """Every conv whose map fits the tiles runs on them, also the dense stem and the strided ones; the add of two
+    tiled maps keeps their halos; the stride-2 conv to an 8-pixel-wide map converts back. Over a NaN arena: a halo
+    cell no op wrote would show."""
+    from sparsert.kernels import executor as ex
+    model = _tile_net(density=0.5)
+    sparse = sparsert.sparsify(model, min_sparsity=0.3)
+    x = torch.randn(1, 3, *size)
+    plan = sparse.plan_for(x)
+    codes = [int(row[0]) for row in plan.ops]
+    assert _tiled_convs(plan) == 6 and codes.count(ex.TO_TILES) == 1 and codes.count(ex.FROM_TILES) == 1
+    assert ex.GRID_CONV not in codes and ex.CONV not in codes[:codes.index(ex.FROM_TILES)]
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_plans_tile_batch_1_only_where_convs_hold_enough_nonzeros_per_channel():
+    """`plan._tile_plan`: the tiled convs' nonzeros per output channel, averaged by work, against
+    TILE_MIN_ROW_NNZ (16 x 9 x 0.05 = 7 a row here, 72 at half density); a batch of two never tiles."""
+    x = torch.randn(1, 3, 32, 32)
+    for density, tiled in ((0.5, True), (0.05, False)):
+        sparse = sparsert.sparsify(_tile_net(density), min_sparsity=0.3)
+        assert (_tiled_convs(sparse.plan_for(x)) > 0) is tiled
+    sparse = sparsert.sparsify(_tile_net(0.5), min_sparsity=0.3)
+    assert _tiled_convs(sparse.plan_for(torch.randn(2, 3, 32, 32))) == 0
+
+
+@pytest.mark.parametrize("h,w,kernel,stride,pads,fits", [
+    (32, 32, (3, 3), (1, 1), (1, 1, 1, 1), True),
+    (32, 32, (3, 3), (2, 2), (1, 1, 1, 1), True),    # output tile 4x4 reads its 8x8 input tile and the top halo
+    (32, 32, (1, 1), (2, 2), (0, 0, 0, 0), True),
+    (32, 32, (7, 7), (2, 2), (3, 3, 3, 3), False),   # padding past the one-cell halo
+    (32, 32, (5, 5), (1, 1), (2, 2, 2, 2), False),
+    (32, 32, (4, 4), (1, 1), (0, 0, 0, 0), False),   # output 29x29 does not split into 4 tiles
+    (12, 12, (3, 3), (1, 1), (1, 1, 1, 1), False),   # 3x3 tiles: under TILE_MIN_CELLS
+    (30, 32, (3, 3), (1, 1), (1, 1, 1, 1), False),
+])
+def test_which_convs_fit_tiles(h, w, kernel, stride, pads, fits):
+    from sparsert.plan import _fits_tiles
+    assert _fits_tiles(h, w, kernel, stride, (1, 1), pads) is fits
+
+
+def test_tiles_hold_each_pixel_once_and_their_neighbours_edges_as_halo():
+    """kernels.lanes._to_tiles against a zero-padded copy of the image: frame cell (y, x) of tile (ty, tx) is
+    padded pixel (ty * th + y, tx * tw + x); _from_tiles reads the interior back."""
+    from sparsert.kernels.lanes import from_tiles_seq, to_tiles_par
+    from sparsert.plan import tile_geometry
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(5, 16, 24, generator=g).numpy()
+    lanes, th, tw, plane = tile_geometry(16, 24)
+    tiles = np.full((5, plane), np.nan, np.float32)
+    to_tiles_par(image, 4, 4, lanes, tiles)
+    padded = np.pad(image, ((0, 0), (1, 1), (1, 1)))
+    frames = tiles[:, :(th + 2) * (tw + 2) * lanes].reshape(5, th + 2, tw + 2, 4, 4)
+    for ty in range(4):
+        for tx in range(4):
+            np.testing.assert_array_equal(frames[:, :, :, ty, tx],
+                                          padded[:, ty * th:ty * th + th + 2, tx * tw:tx * tw + tw + 2])
+    assert not np.isnan(tiles).any()
+    back = np.full_like(image, np.nan)
+    from_tiles_seq(tiles, 4, 4, lanes, back)
+    np.testing.assert_array_equal(back, image)
