@@ -198,7 +198,8 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     after the first adds to the partial sums in `out`.
     Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s
     job, except on a tiled map (tiles_x > 0: `_to_tiles`), whose halo cells each item copies from its cells
-    (`write_halo`, keep its masks), so that every tiled activation carries its halo for the next conv. Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
+    (`write_halo`, keep its masks), so that every tiled activation carries its halo for the next conv.
+    Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
     neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
     64) for co_block output channels."""
     n_out = out.shape[0]

@@ -451,7 +451,7 @@ def _lower_function(b: _Builder, node, buffers, meta):
         a, c = _arg(node, buffers, 0), _arg(node, buffers, 1)
         if a[1] != c[1] and "lanes" in (a[1], c[1]):  # one layout for both: border zeros add to zero
             a, c = _lanes(b, a), _lanes(b, c)
-        elif a[1] != c[1] and "tiles" in (a[1], c[1]):  # the sum's border is refilled before a conv reads it
+        elif a[1] != c[1] and "tiles" in (a[1], c[1]):  # over whole planes too: the sum of two halos is the sum's
             a, c = _tiles(b, a), _tiles(b, c)
         elif a[1] != c[1] and "grid" in (a[1], c[1]):
             a, c = _grid(b, a), _grid(b, c)
@@ -923,6 +923,7 @@ def _tile_plan(gm: torch.fx.GraphModule, modules: dict) -> bool:
 
 
 def _runs_tiled(b: _Builder, h: int, w: int, kernel_size, stride, dilation, pads) -> bool:
+    """Whether this conv of a batch-1 plan that tiles (`_tile_plan`) runs on tiles."""
     return b.tiles and _fits_tiles(h, w, kernel_size, stride, dilation, pads)
 
 
@@ -944,8 +945,7 @@ def _fits_tiles(h: int, w: int, kernel_size, stride, dilation, pads) -> bool:
 
 
 def _tiles(b, buf):
-    """The batch-1 4-D activation buf tiled (TILE_MIN_CELLS), halo included, converting once (the copy lives as
-    long as buf)."""
+    """The batch-1 4-D activation buf on TILES, halo included, converting once (the copy lives as long as buf)."""
     if buf[1] == "tiles":
         return buf
     key = (buf[0], "tiles")
@@ -1109,7 +1109,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     half-width strips); at 32 lanes see `lane_region_split`.
 
     tiled: a batch-1 conv on tiles (`_runs_tiled`), tile by tile as if each were an image of a batch, except that a
-    tile's border is its halo: every tap is live, there are no regions, and the halo is refilled first."""
+    tile's border is its halo: every tap is live, there are no regions, and the op writes its output's halo too."""
     c, n, h, w = src[2]
     if tiled:
         image_out = ops.conv_geometry(h, w, pads, stride, dilation, kernel_size)[:2]

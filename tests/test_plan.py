@@ -580,13 +580,18 @@ class _LaneNet(nn.Module):
         return self.fc(torch.flatten(self.avg(y), 1))
 
 
-def _lane_net(density=0.3):
-    torch.manual_seed(0)
-    model = _LaneNet().eval()
+def _masked_but(model, dense: str, density: float):
+    """model (eval) with every Conv2d and Linear but the one named `dense` masked to `density`."""
+    model = model.eval()
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "dense":
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != dense:
             _masked(m, density)
     return model
+
+
+def _lane_net(density=0.3):
+    torch.manual_seed(0)
+    return _masked_but(_LaneNet(), "dense", density)
 
 
 @pytest.mark.parametrize("regions", ["by-gain", "always"])
@@ -1095,11 +1100,7 @@ class _TileNet(nn.Module):
 
 def _tile_net(density):
     torch.manual_seed(0)
-    model = _TileNet().eval()
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "stem":
-            _masked(m, density)
-    return model
+    return _masked_but(_TileNet(), "stem", density)
 
 
 def _tiled_convs(plan):
