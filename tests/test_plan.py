@@ -1171,3 +1171,21 @@ def test_tiles_hold_each_pixel_once_and_their_neighbours_edges_as_halo():
     back = np.full_like(image, np.nan)
     from_tiles_seq(tiles, 4, 4, lanes, back)
     np.testing.assert_array_equal(back, image)
+
+
+@pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
+def test_tiled_conv_matches_dense_for_every_geometry_that_fits(config, monkeypatch):
+    """Each conv geometry at batch 1 with tiles forced on (any density): those that fit the tiles and their halo
+    (3x3 and 1x1, strided, grouped, depthwise) run tiled, with fused bias, residual and ReLU; the others do not."""
+    from sparsert import plan as plan_module
+    from sparsert.plan import _fits_tiles
+    monkeypatch.setattr(plan_module, "TILE_MIN_ROW_NNZ", 0)
+    torch.manual_seed(0)
+    model = _ConvResidual(**CONV_CONFIGS[config]).eval()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(1, 8, 32, 32)
+    conv = sparse.get_submodule("conv")
+    fits = _fits_tiles(32, 32, conv.kernel_size, conv.stride, conv.dilation, conv.pads)
+    assert fits is (config in ("3x3", "3x3-s2", "1x1-s2", "1x1", "depthwise", "grouped-same"))
+    assert _tiled_convs(sparse.plan_for(x)) == (2 if fits else 0)
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
