@@ -7,10 +7,26 @@ import warnings
 
 import numpy as np
 
-from llvmlite import ir
+import numba
+from llvmlite import binding as llvm_binding, ir
 from numba import njit
 from numba.core import cgutils
 from numba.core.cpu_options import ParallelOptions
+
+
+def target_has(feature: str) -> bool:
+    """Whether the machine code Numba emits here may use an x86 feature ('avx512f'): the host CPU's, unless
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose another target (then only features listed there)."""
+    if numba.config.CPU_NAME is not None:
+        return f"+{feature}" in (numba.config.CPU_FEATURES or "").split(",")
+    return bool(llvm_binding.get_host_cpu_features().get(feature))
+
+
+# Without AVX-512 the kernels' 64-byte vectors become two AVX2 registers each, and a 16-lane gather two slow
+# ones: on Zen 3 the gather-based sliced matvec ran 1.4-1.9x slower than the CSR row loop (ops.SLICED_MATVEC).
+# The strips stay as they are there: 4-vector blocked strips and 4-vector lanes-conv strips (which spill less)
+# measured within noise or slower on whole layers (bench/RESULTS.md).
+AVX512 = target_has("avx512f")
 
 # 'contract' lets LLVM fuse multiply-add; 'reassoc' lets it vectorise the batch-1 dot products.
 # No 'nnan'/'ninf': NaN and Inf in activations must propagate as they do in dense torch.

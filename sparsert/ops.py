@@ -32,6 +32,9 @@ PARALLEL_MIN_WORK = 32_768
 BLOCKED_MIN_BATCH = 64
 BLOCKED_WIDTH = 256
 BLOCKED_MIN_SEGMENT = 16
+# Batch 1 runs the sliced matvec (one 16-lane gather a step) where AVX-512's gathers are fast, else the CSR row
+# loop: on Zen 3 (AVX2), the sliced one ran 1.4-1.9x slower (2% and 10% dense, one and two threads).
+SLICED_MATVEC = kernels.AVX512
 # Output-grid floats one conv work item accumulates: CONV_TILE_MAX (8 KB, in L1) unless the tile's
 # slice of all packed input channels (~CONV_TILE_L2 floats) would overflow L2. Per-op timings of
 # CIFAR ResNet18 at batch 64: 2048 beat 512 by 1.5x (per-tile zeroing and epilogue amortised).
@@ -105,7 +108,7 @@ def linear_numba(x2d, layer):
         out = np.empty((1, layer.out_features), values.dtype)
         x = x2d.detach().contiguous().numpy()[0]
         par = _parallel(values.shape[0])
-        sliced = layer.sliced_arrays()
+        sliced = layer.sliced_arrays() if SLICED_MATVEC else None
         if sliced is not None:  # 16 rows a slice, one gather a step; 1-byte column steps where they fit
             kernel = kernels.sliced_matvec_par if par else kernels.sliced_matvec_seq
             kernel(*sliced, bias, x, layer.relu, np.empty(sliced[3].shape[0], np.float32), out[0])

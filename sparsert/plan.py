@@ -654,7 +654,8 @@ def _lower_linear(b, m, buf, sparse: bool):
     n_blocks = 0
     if code == ex.LINEAR_CSR and ops.use_column_blocks(values.size, m.out_features, in_f, n_batch):
         indptr, indices, values, n_blocks = column_blocks(indptr, indices, values, m.out_features, ops.BLOCKED_WIDTH)
-    sliced = sliced_ell(indptr, indices, values, m.out_features) if code == ex.LINEAR_CSR and n_batch == 1 else None
+    sliced = sliced_ell(indptr, indices, values, m.out_features) \
+        if code == ex.LINEAR_CSR and n_batch == 1 and ops.SLICED_MATVEC else None
     if sliced is not None:
         # Batch 1: the sliced matvec (1- or 2-byte column steps, kernels/sliced.py); `sums` is its scratch.
         slice_ptr, steps, stored, first_col, lengths, rows = sliced

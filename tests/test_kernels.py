@@ -135,10 +135,11 @@ def test_sliced_matvec_propagates_nan_only_through_stored_weights(gen):
     assert out[11] == x[0].item()
 
 
-def test_linear_batch1_takes_the_sliced_matvec(gen):
-    """float32 rows: the sliced matvec (counted), with 1-byte steps and, once a row steps 300 columns,
-    2-byte ones; in-place weight updates seen. float64 weights, or a row stepping past 65535 columns:
-    the CSR matvec."""
+def test_linear_batch1_takes_the_sliced_matvec(gen, monkeypatch):
+    """Where the sliced matvec is chosen (ops.SLICED_MATVEC: AVX-512 hosts), float32 rows run on it (counted),
+    with 1-byte steps and, once a row steps 300 columns, 2-byte ones; in-place weight updates seen. float64
+    weights, or a row stepping past 65535 columns: the CSR matvec."""
+    monkeypatch.setattr(ops, "SLICED_MATVEC", True)
     w = sparse_matrix((24, 400), 0.3, gen)
     layer = SparseLinear(CSR.from_dense(w), torch.randn(24, generator=gen), backend="numba")
     x = torch.randn(1, 400, generator=gen)
@@ -432,6 +433,27 @@ def test_conv2d_numba_dispatch(force_parallel, conv_algorithm, conv_kw, residual
         assert f"sparse_conv_{force_parallel}" in spy_all
 
 
+def test_linear_batch1_without_fast_gathers_takes_the_csr_matvec(gen, monkeypatch):
+    """Hosts without AVX-512 (ops.SLICED_MATVEC False: its gathers measured slower than the CSR row loop on
+    Zen 3) run a float32 batch-1 Linear on the CSR matvec, counted, and never build the sliced arrays."""
+    monkeypatch.setattr(ops, "SLICED_MATVEC", False)
+    w = sparse_matrix((24, 400), 0.3, gen)
+    layer = SparseLinear(CSR.from_dense(w), torch.randn(24, generator=gen), backend="numba", relu=True)
+    x = torch.randn(1, 400, generator=gen)
+    before = dict(ops.CALLS)
+    assert_close(layer(x), torch.relu(x @ w.T + layer.bias))
+    assert ops.CALLS["numba.csr_matvec"] == before.get("numba.csr_matvec", 0) + 1
+    assert ops.CALLS["numba.sliced_matvec"] == before.get("numba.sliced_matvec", 0)
+    assert ("sliced",) not in layer.__dict__.get("_derived_cache", {})
+
+
+def test_sliced_matvec_policy_follows_the_host():
+    """The policy default is AVX-512 itself, as the compiling target reports it."""
+    from sparsert.kernels._jit import target_has
+    assert ops.SLICED_MATVEC == kernels.AVX512 == target_has("avx512f")
+    assert target_has("avx2") or not target_has("avx512f")  # every AVX-512 target also has AVX2
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
 @pytest.mark.parametrize("batch", [0, 1, 7, 64], ids=lambda b: f"B{b}")
 def test_linear_numba_dispatch(force_parallel, fmt, batch, gen, spy_all):
@@ -440,7 +462,8 @@ def test_linear_numba_dispatch(force_parallel, fmt, batch, gen, spy_all):
     b = torch.randn(32, generator=gen)
     layer = SparseLinear(CSR.from_dense(w) if fmt == "csr" else BSR.from_dense(w, (8, 8)), b, backend="numba")
     x = torch.randn(batch, 48, generator=gen)
-    name = "sliced_matvec" if (batch == 1 and fmt == "csr") else f"{fmt}_spmm"
+    batch1 = "sliced_matvec" if ops.SLICED_MATVEC else "csr_matvec"
+    name = batch1 if (batch == 1 and fmt == "csr") else f"{fmt}_spmm"
     before = ops.CALLS[f"numba.{name}"]
     for relu in (False, True):
         layer.relu = relu
@@ -532,7 +555,9 @@ _CACHE_SCRIPT = textwrap.dedent("""
     print("STATS" + json.dumps(dict(stats=stats, kernels_dir=os.path.dirname(kernels.__file__))))
 """)
 # csr_spmm_dispatch carries csr_spmm_seq compiled into its own cache entry
-EXPECTED_CACHED = {"sliced_matvec_seq", "csr_spmm_dispatch", "pack_input_seq", "sparse_conv_seq"}
+# The probe's batch-1 Linear runs the host's matvec (ops.SLICED_MATVEC).
+EXPECTED_CACHED = {"sliced_matvec_seq" if ops.SLICED_MATVEC else "csr_matvec_seq", "csr_spmm_dispatch", "pack_input_seq",
+                   "sparse_conv_seq"}
 
 
 def _run_cache_script(tmp_path, env_extra, launch_threads=True):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsert import SparseConv2d, SparseLinear
+from sparsert import SparseConv2d, SparseLinear, ops
 from sparsert.formats import CSR
 
 from conftest import (BACKENDS, BATCHES, DENSITIES, _Tripwire, assert_close, assert_kernels_ran,
@@ -22,8 +22,10 @@ _F_LINEAR, _F_CONV2D = F.linear, F.conv2d
 def _linear_kernel(backend, fmt, batch):
     if backend == "torch":
         return f"torch.linear.{fmt}"
-    # Batch-1 float32 CSR rows that step at most 255 columns (all of these) take the sliced matvec.
-    return "numba.sliced_matvec" if (fmt == "csr" and batch == 1) else f"numba.{fmt}_spmm"
+    # Batch-1 float32 CSR rows that step at most 255 columns (all of these) take the sliced matvec on AVX-512
+    # hosts, the CSR matvec elsewhere (ops.SLICED_MATVEC).
+    batch1 = "numba.sliced_matvec" if ops.SLICED_MATVEC else "numba.csr_matvec"
+    return batch1 if (fmt == "csr" and batch == 1) else f"numba.{fmt}_spmm"
 
 
 ENGINES = ["numba-direct", "numba-im2col", "torch"]

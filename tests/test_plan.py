@@ -974,10 +974,29 @@ def test_plan_runs_column_blocked_linear_with_fused_relu(monkeypatch):
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_plan_runs_batch1_linears_on_the_sliced_matvec():
-    """At batch 1 the plan's Linears run as LINEAR_SLICED ops (ReLU folded into the first), over a NaN
-    arena, against dense; one whose rows step past 255 columns takes 2-byte steps."""
+def test_plan_runs_batch1_linears_on_the_csr_matvec_without_fast_gathers(monkeypatch):
+    """Without AVX-512 (ops.SLICED_MATVEC False) a batch-1 plan's Linears are LINEAR_CSR ops, over a NaN arena."""
     from sparsert.kernels import executor as ex
+    monkeypatch.setattr(sparsert.ops, "SLICED_MATVEC", False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            prune.l1_unstructured(m, "weight", 0.9)
+            prune.remove(m, "weight")
+    sparse = sparsert.sparsify(model)
+    x = torch.randn(1, 300)
+    codes = list(sparse.plan_for(x).ops[:, 0])
+    assert codes.count(ex.LINEAR_CSR) == 2 and ex.LINEAR_SLICED not in codes
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_plan_runs_batch1_linears_on_the_sliced_matvec(monkeypatch):
+    """Where the sliced matvec is chosen (AVX-512), the plan's batch-1 Linears run as LINEAR_SLICED ops (ReLU
+    folded into the first), over a NaN arena, against dense; one whose rows step past 255 columns takes 2-byte
+    steps."""
+    from sparsert.kernels import executor as ex
+    monkeypatch.setattr(sparsert.ops, "SLICED_MATVEC", True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     for m in model:
