@@ -15,10 +15,11 @@ from numba.core.cpu_options import ParallelOptions
 
 
 def target_has(feature: str) -> bool:
-    """Whether the machine code Numba emits here may use an x86 feature ('avx512f'): the host CPU's, unless
-    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose another target (then only features listed there)."""
-    if numba.config.CPU_NAME is not None:
-        return f"+{feature}" in (numba.config.CPU_FEATURES or "").split(",")
+    """Whether the machine code Numba emits here may use an x86 feature ('avx512f'): the features it compiles for,
+    NUMBA_CPU_FEATURES where set, else the host CPU's (as numba.core.codegen picks them; NUMBA_CPU_NAME alone
+    leaves the host's features on)."""
+    if numba.config.CPU_FEATURES is not None:
+        return f"+{feature}" in numba.config.CPU_FEATURES.split(",")
     return bool(llvm_binding.get_host_cpu_features().get(feature))
 
 

@@ -447,11 +447,16 @@ def test_linear_batch1_without_fast_gathers_takes_the_csr_matvec(gen, monkeypatc
     assert ("sliced",) not in layer.__dict__.get("_derived_cache", {})
 
 
-def test_sliced_matvec_policy_follows_the_host():
-    """The policy default is AVX-512 itself, as the compiling target reports it."""
+def test_sliced_matvec_policy_follows_the_host(monkeypatch):
+    """The policy default is AVX-512 itself, as the compiling target reports it: NUMBA_CPU_FEATURES where set
+    (as Numba's codegen reads them), else the host's."""
     from sparsert.kernels._jit import target_has
     assert ops.SLICED_MATVEC == kernels.AVX512 == target_has("avx512f")
     assert target_has("avx2") or not target_has("avx512f")  # every AVX-512 target also has AVX2
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f")
+    assert target_has("avx512f") and target_has("avx2")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512f")
+    assert not target_has("avx512f") and target_has("avx2")
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
