@@ -974,16 +974,22 @@ def test_plan_runs_column_blocked_linear_with_fused_relu(monkeypatch):
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_plan_runs_batch1_linears_on_the_csr_matvec_without_fast_gathers(monkeypatch):
-    """Without AVX-512 (ops.SLICED_MATVEC False) a batch-1 plan's Linears are LINEAR_CSR ops, over a NaN arena."""
-    from sparsert.kernels import executor as ex
-    monkeypatch.setattr(sparsert.ops, "SLICED_MATVEC", False)
+def _pruned_mlp():
+    """Linear(300, 64), ReLU, Linear(64, 10), both L1-pruned to 90% with the masks baked in (seed 0)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     for m in model:
         if isinstance(m, nn.Linear):
             prune.l1_unstructured(m, "weight", 0.9)
             prune.remove(m, "weight")
+    return model
+
+
+def test_plan_runs_batch1_linears_on_the_csr_matvec_without_fast_gathers(monkeypatch):
+    """Without AVX-512 (ops.SLICED_MATVEC False) a batch-1 plan's Linears are LINEAR_CSR ops, over a NaN arena."""
+    from sparsert.kernels import executor as ex
+    monkeypatch.setattr(sparsert.ops, "SLICED_MATVEC", False)
+    model = _pruned_mlp()
     sparse = sparsert.sparsify(model)
     x = torch.randn(1, 300)
     codes = list(sparse.plan_for(x).ops[:, 0])
@@ -997,12 +1003,7 @@ def test_plan_runs_batch1_linears_on_the_sliced_matvec(monkeypatch):
     steps."""
     from sparsert.kernels import executor as ex
     monkeypatch.setattr(sparsert.ops, "SLICED_MATVEC", True)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
-    for m in model:
-        if isinstance(m, nn.Linear):
-            prune.l1_unstructured(m, "weight", 0.9)
-            prune.remove(m, "weight")
+    model = _pruned_mlp()
     with torch.no_grad():
         model[2].weight[3] = 0
         model[2].weight[3, 0] = 1.0
