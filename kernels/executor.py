@@ -31,7 +31,7 @@ NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4,
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
 TO_TILES, FROM_TILES = 23, 24
-N_PARAMS = 28
+N_PARAMS = 29
 
 
 def _maxpool(x, kernel, stride, pad, out):
@@ -169,7 +169,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             # p: x, C_in, plane_in, out, C_out, plane_out, residual (-1: none), relu, origin, step_y, step_x,
             #    OH, OW, lanes, cells_per_strip, co_block, block bounds (u32 [C_out, 2 n_blocks]), n_blocks, tap offsets,
             #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
-            #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9])
+            #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9]),
+            #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: plan._band_schedule)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
@@ -179,12 +180,12 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             keep = u32[p[26]:p[26] + 9]
             if par:
                 if p[23]:
-                    zero_border_par(out, p[23], p[24], 1, p[13])
+                    zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
                 lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
                               out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
             else:
                 if p[23]:
-                    zero_border_seq(out, p[23], p[24], 1, p[13])
+                    zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
                 lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
                               out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
         elif code == LANE_CONV_MAXPOOL:
@@ -198,11 +199,11 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             maps_len = p[25] * p[10] * p[11] * p[12]
             scratch = arena[p[26]:p[26] + p[27] * maps_len].reshape((p[27], maps_len))
             if par:
-                zero_border_par(out, p[23] + 2, p[24] + 2, 1, p[12])
+                zero_border_par(out, 0, p[23] + 2, p[23] + 2, p[24] + 2, 1, p[12])
                 lane_conv_maxpool_par(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
                                       p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
             else:
-                zero_border_seq(out, p[23] + 2, p[24] + 2, 1, p[12])
+                zero_border_seq(out, 0, p[23] + 2, p[23] + 2, p[24] + 2, 1, p[12])
                 lane_conv_maxpool_seq(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
                                       p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
         elif code == LANE_MAXPOOL:
@@ -210,10 +211,10 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             src = arena[p[0]:p[0] + p[2] * p[11]].reshape((p[2], p[11]))
             dst = arena[p[1]:p[1] + p[2] * p[12]].reshape((p[2], p[12]))
             if par:
-                zero_border_par(dst, p[5] + 2, p[6] + 2, 1, p[10])
+                zero_border_par(dst, 0, p[5] + 2, p[5] + 2, p[6] + 2, 1, p[10])
                 lane_maxpool_par(src, p[3], p[4], 1, p[7], p[8], p[9], dst, p[5], p[6], p[10])
             else:
-                zero_border_seq(dst, p[5] + 2, p[6] + 2, 1, p[10])
+                zero_border_seq(dst, 0, p[5] + 2, p[5] + 2, p[6] + 2, 1, p[10])
                 lane_maxpool_seq(src, p[3], p[4], 1, p[7], p[8], p[9], dst, p[5], p[6], p[10])
         elif code == LANE_AVGPOOL:  # p: in (lanes, border 1), out [C, N], C, N, H, W, lanes, plane
             src = arena[p[0]:p[0] + p[2] * p[7]].reshape((p[2], p[7]))

@@ -292,11 +292,12 @@ def channel_blocks(indptr, columns, taps: int, chans_per_block: int, n_chan: int
     return bounds.astype(np.uint32), order
 
 
-def _zero_border(out, hq, wq, border, lanes):
-    """Zero the border cells of every channel of a lanes activation out[C, plane]."""
+def _zero_border(out, y0, y1, hq, wq, border, lanes):
+    """Zero the border cells in rows y0..y1-1 (of hq, border included) of every channel of a lanes activation
+    out[C, plane]: all of them, or one band's (plan._band_schedule)."""
     for c in prange(out.shape[0]):
         plane = out[c]
-        for y in range(hq):
+        for y in range(y0, y1):
             inner = border <= y < hq - border
             for xx in range(wq):
                 if inner and border <= xx < wq - border:

@@ -641,6 +641,96 @@ def test_split_batch_runs_each_share_serially_and_matches_dense_over_a_nan_arena
     torch.testing.assert_close(_run_on_nan_arena(sparse, x[:48]), model(x[:48]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("regions", ["by-gain", "always"])
+def test_split_plan_runs_its_lanes_convs_depth_first_in_row_bands(regions, monkeypatch):
+    """sparsert.bands: a split plan's runs of lanes convs are cut into one-row bands (BAND_BYTES 1) and interleaved,
+    a conv's band running as soon as the rows it reads are written and no earlier op still reads the rows it
+    writes. Every output cell is the same sum in the same order, so the result equals the unbanded plan's bit
+    for bit; over a NaN arena, a band that ran before its input rows were written, overwrote rows another op had
+    yet to read, or left its border rows unzeroed would show."""
+    from sparsert import plan as plan_module
+    from sparsert.kernels import executor as ex
+    if regions == "always":  # grid regions (not whole rows) stay whole ops, and interleave with the bands
+        _force_region_grid(monkeypatch)
+    monkeypatch.setattr(plan_module, "batch_parts", lambda shape: 2)
+    monkeypatch.setattr(plan_module, "SPLIT_MIN_ARENA_PER_WEIGHT", 0.0)
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(64, 3, 30, 26)
+
+    def lane_layers(plan):
+        return [layer for layer, code in zip(plan.op_layers, plan.ops[:, 0]) if code == ex.LANE_CONV]
+
+    monkeypatch.setattr(plan_module, "BAND_BYTES", 0)
+    whole = sparse.plan_for(x)
+    with torch.no_grad():
+        expected = whole(x)
+    sparse.__dict__["_plans"].clear()
+    monkeypatch.setattr(plan_module, "BAND_BYTES", 1)
+    banded = sparse.plan_for(x)
+    assert banded is not whole and banded.parts == 2
+    assert sorted(set(lane_layers(banded))) == sorted(set(lane_layers(whole)))
+    if regions == "by-gain":
+        layers = lane_layers(banded)
+        assert layers.count("a") == 8 and lane_layers(whole).count("a") == 1  # 8 x 7 map: one band a row
+        assert layers.index("b") < len(layers) - 1 - layers[::-1].index("a")  # b's first band before a's last
+    assert len(lane_layers(banded)) > len(lane_layers(whole))
+    out = _run_on_nan_arena(sparse, x)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    if regions == "by-gain":  # a per-op plan (one share) keeps whole maps
+        sparse.__dict__["_plans"].clear()
+        monkeypatch.setattr(plan_module, "batch_parts", lambda shape: 1)
+        assert lane_layers(sparse.plan_for(x)).count("a") == 1
+
+
+def test_band_accesses_meet_exactly_where_their_arena_floats_do():
+    """bands._meet, the schedule's dependency test, against the explicit sets of floats two accesses touch: one
+    range per plane, rows first..end-1; same layout and base, or two layouts over reused arena memory."""
+    import random
+
+    from sparsert.bands import _access, _meet
+    rng = random.Random(0)
+
+    def access(base=None):
+        planes, row_len, rows = rng.randint(1, 5), rng.randint(1, 6), rng.randint(1, 5)
+        first = rng.randint(0, rows - 1)
+        return _access(rng.randint(0, 60) if base is None else base, planes, rows * row_len + rng.randint(0, 3),
+                       row_len, first, rng.randint(first + 1, rows))
+
+    def floats(a):
+        base, extent, plane, row_len, first, end = a
+        return {f for p in range(extent // plane) for f in range(base + p * plane + row_len * first,
+                                                                  base + p * plane + row_len * end)}
+
+    met = 0
+    for _ in range(3000):
+        a = access()
+        b = access(a[0] if rng.random() < 0.3 else None)
+        truth = bool(floats(a) & floats(b))
+        assert _meet(a, b) == truth and _meet(b, a) == truth, (a, b)
+        met += truth
+    assert 500 < met < 2500  # both answers well exercised
+
+
+def test_zero_border_zeroes_the_border_cells_of_its_rows_only():
+    """kernels.lanes._zero_border over rows y0..y1-1 (a band's): the border cells of those rows, every cell of the
+    top and bottom border rows among them, nothing else."""
+    from sparsert.kernels.lanes import zero_border_seq
+    hq, wq, lanes = 6, 5, 16
+    out = np.ones((2, hq * wq * lanes + 16), np.float32)
+    zero_border_seq(out, 0, 3, hq, wq, 1, lanes)
+    cells = out[:, :hq * wq * lanes].reshape(2, hq, wq, lanes)
+    expected = np.ones((hq, wq), bool)
+    expected[0, :] = False
+    expected[1:3, 0] = expected[1:3, -1] = False
+    assert (cells == expected[None, :, :, None]).all() and (out[:, hq * wq * lanes:] == 1).all()
+    zero_border_seq(out, 3, hq, hq, wq, 1, lanes)
+    expected[-1, :] = False
+    expected[3:, 0] = expected[3:, -1] = False
+    assert (cells == expected[None, :, :, None]).all()
+
+
 def test_split_executor_reaches_run_plan_through_its_address_compiled_on_first_use():
     """run_plan_parts calls run_plan through a C function's address (the direct call took 44 s to compile); that C
     function is built when a split batch first runs, never at import, where it would compile every kernel."""
