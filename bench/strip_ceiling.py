@@ -5,7 +5,8 @@
 Each nonzero broadcasts one weight against 4 or 8 vectors loaded from x, so a strip issues one vector
 load per FMA. This measures how fast that runs when nothing else limits it (no cache misses, no
 epilogue), for x on a cache line and x one float off it (every load then splits two lines), and for
-4 accumulators (one per vector) against 8 (the same 4 vectors over two sets, or 8 vectors). It prints
+4 accumulators (one per vector) against 8 (the same 4 vectors over two sets, or 8 vectors) and 6 (6 vectors, the
+lanes conv's strip on AVX2, where 8 vectors' accumulators overflow its 16 registers). It prints
 GMAC/s per core; compare them with dense sgemm, the last line, which keeps its inputs in registers.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from sparsert.kernels.strip import strip4, strip4_split, strip8
+from sparsert.kernels.strip import strip4, strip4_split, strip6, strip8
 from sparsert.plan import aligned_empty
 from sparsert.timing import fastest_seconds
 
@@ -35,6 +36,12 @@ def _run4_split(x, indices, values, out, repeats):
     for _ in range(repeats):
         strip4_split(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 64, out, 0, False, False, out, 0,
                      False)
+
+
+@njit(boundscheck=False)
+def _run6(x, indices, values, out, repeats):
+    for _ in range(repeats):
+        strip6(x, 0, 1, indices, values, 0, indices.shape[0], 0.0, out, 0, 96, out, 0, False, False, out, 0, False)
 
 
 @njit(boundscheck=False)
@@ -61,7 +68,7 @@ def _table(repeats: int) -> list:
     values = rng.random(NONZEROS, dtype=np.float32)
     out = aligned_empty(256)
     kernels = (("4 vectors, 4 accumulators", _run4, 64), ("4 vectors, 2 x 4 accumulators", _run4_split, 64),
-               ("8 vectors, 8 accumulators", _run8, 128))
+               ("6 vectors, 6 accumulators", _run6, 96), ("8 vectors, 8 accumulators", _run8, 128))
     rows = []
     print(f"{'strip':32s} {'x on a line':>14s} {'x 4 B off':>14s}   (GMAC/s, one core)")
     for name, kernel, width in kernels:

@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from ._jit import twin
 from .layout import TILE, transpose_tile
-from .strip import STRIP_VECTORS, VECTOR_BYTES, cell_pair_strip, wide_strip
+from .strip import VECTOR_BYTES, WIDE_VECTORS, cell_pair_strip, wide_strip
 
 LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded to a multiple of it
 
@@ -129,11 +129,11 @@ def pool_row(src, origin, height, width, row_step, kernel, stride, pad, oy, out_
 def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out, dst, add, has_add, relu):
     """One row nonzeros' sum over n_cells neighbouring output cells, from src (their first input cell) into
     out at dst (adding add[dst..] when has_add). At stride 1 the cells' inputs are adjacent: strips of up to
-    8 vectors. At other strides two cells share one gapped strip (`cell_pair_strip`)."""
+    WIDE_VECTORS vectors. At other strides two cells share one gapped strip (`cell_pair_strip`)."""
     if n_cells == 2 and step_x != 1:
         cell_pair_strip(x, src, step_x * lanes, offsets, data, k0, k1, init, out, dst, lanes, add, dst, has_add, relu)
     else:
-        width = 2 * STRIP_VECTORS * VECTOR_BYTES // x.itemsize
+        width = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
         n_valid = n_cells * lanes
         for j in range(0, n_valid, width):
             wide_strip(x, src + j, 1, offsets, data, k0, k1, init, out, dst + j, min(width, n_valid - j), add, dst + j,

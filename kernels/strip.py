@@ -4,7 +4,7 @@
 
 where keep? zeroes lanes whose mask[m + t] is 0 (the padding cells of a grid activation, see conv.py).
 
-The strip is 1-4 (or 8, `wide_strip`) vectors of 64 bytes (16 float32 / 8 float64 lanes per vector)
+The strip is 1-4 (or 6-8, `wide_strip`) vectors of 64 bytes (16 float32 / 8 float64 lanes per vector)
 held in vector registers for the whole sum, so each nonzero costs one broadcast and one fused
 multiply-add per vector, straight from the input row. Strips of 1-2 vectors split the nonzeros over
 4 or 2 sets of accumulators, so that at least 4 FMA chains run at once (a single chain waits out
@@ -220,7 +220,12 @@ def splat_int(builder, value, n_lanes):
 # lines. On aligned batch-in-lanes rows, 8 (`wide_strip`) ran stride-1 ResNet convs 1.1-1.25x faster.
 STRIP_VECTORS = 4
 strip1, strip2, strip3, strip4 = (_make_strip(n) for n in range(1, STRIP_VECTORS + 1))
-strip8 = _make_strip(2 * STRIP_VECTORS)
+# The wide strips of the lanes conv: 8 vectors where AVX-512 has 32 registers. On AVX2 a 64-byte vector takes two
+# of the 16 registers and 8 vectors' accumulators spill; 6 ran fastest there (bench/strip_ceiling.py, one core,
+# Zen 3: 4 vectors 30.4 GMAC/s, 6 32.0, 8 22.4), with a third fewer index and weight loads than 4. The plan picks
+# the width through the cells a work item covers (plan.LANE_STRIP_VECTORS).
+WIDE_VECTORS = 2 * STRIP_VECTORS
+strip6, strip8 = _make_strip(6), _make_strip(WIDE_VECTORS)
 # 4 vectors over 2 accumulator sets: 4 FMA chains wait on each other's latency only when x is in L1 (a
 # 128-column slab at batch 64: 40 -> 55 GMAC/s on one core; from L2 both run ~28). For column-blocked SpMMs.
 strip4_split = _make_strip(STRIP_VECTORS, n_sets=2)
@@ -252,13 +257,20 @@ def row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res
 @njit(inline="always", nogil=True)
 def wide_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
                has_mask):
-    """Up to 2 * STRIP_VECTORS vectors: 8 accumulators share each nonzero's index and weight loads and
+    """Up to WIDE_VECTORS vectors: 6 or 8 accumulators share each nonzero's index and weight loads and
     hide the FMA latency; a strip too short for that runs as one or two `row_strip`s."""
     n_lanes = VECTOR_BYTES // x.itemsize
     half = STRIP_VECTORS * n_lanes
-    if n_valid > (2 * STRIP_VECTORS - 1) * n_lanes:
+    six = 6 * n_lanes
+    if n_valid > (WIDE_VECTORS - 1) * n_lanes:
         strip8(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
                has_mask)
+    elif n_valid > 5 * n_lanes:
+        strip6(x, x0, stride, indices, values, k0, k1, init, out, o, min(n_valid, six), res, r, has_res, relu, mask,
+               m, has_mask)
+        if n_valid > six:
+            row_strip(x, x0 + six, stride, indices, values, k0, k1, init, out, o + six, n_valid - six, res, r + six,
+                      has_res, relu, mask, m + six, has_mask)
     else:
         row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, min(n_valid, half), res, r, has_res, relu,
                   mask, m, has_mask)

@@ -857,13 +857,28 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
 # Batch-in-lanes activations (kernels.lanes) from this batch on: below it a cell's lanes would be mostly
 # padding and the pixel-major grid wins.
 LANE_MIN_BATCH = 16
+# Vectors a stride-1 lanes conv's strip covers (the cells of a work item: this x 16 floats over the lanes): 8 where
+# Numba targets AVX-512; on AVX2, where 8 spill (kernels.strip), 6.
+LANE_STRIP_VECTORS = 8 if kernels.AVX512 else 6
+
+
+def lane_strip_cells(lanes: int) -> int:
+    """Output cells a stride-1 lanes conv's strip covers: those that fill LANE_STRIP_VECTORS vectors, or where whole
+    cells fall short of that (a 64-lane cell is 4 vectors), those that fit the widest strip (kernels.WIDE_VECTORS).
+    AVX2, CIFAR ResNet18 at batch 64 (32-lane shares, paired whole calls): 3-cell 6-vector strips 1.31-1.33x faster
+    than 4-cell 8-vector ones at 90% and global-98, 1.02x at 98%; torchvision resnet18 90% (64 lanes, per-op
+    plan) ran 1-cell 4-vector strips 0.92x as fast as 2-cell 8-vector ones."""
+    cells = LANE_STRIP_VECTORS * kernels.LANE_VECTOR // lanes
+    if cells * lanes < LANE_STRIP_VECTORS * kernels.LANE_VECTOR:
+        cells = kernels.WIDE_VECTORS * kernels.LANE_VECTOR // lanes
+    return max(1, cells)
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
 LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
 LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
 LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
 LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
-LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of 8 vectors runs at (v / 8) ** this of a full strip's speed
+LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 
@@ -1034,8 +1049,8 @@ def lane_regions(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, di
 def region_cost(regions, tap_nnz, lanes: int, cells_per_strip: int) -> float:
     """Estimated time of a lanes conv run as these regions: each region's multiply-adds (its live taps'
     nonzeros x its cells), divided by the speed of its strips relative to a full one. A region narrower than
-    a strip runs short ones: at 32 lanes one cell is a 2-vector strip against 8 (LANE_STRIP_EXPONENT)."""
-    full = 2 * kernels.STRIP_VECTORS
+    a strip runs short ones: at 32 lanes one cell is a 2-vector strip against 6 or 8 (LANE_STRIP_EXPONENT)."""
+    full = cells_per_strip * lanes // kernels.LANE_VECTOR  # vectors of a whole strip (lane_strip_cells)
     cost = 0.0
     for _, ny, _, nx, live in regions:
         vectors = min(full, min(nx, cells_per_strip) * lanes // kernels.LANE_VECTOR)
@@ -1137,7 +1152,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     whole = (0, out_h, 0, out_w, np.ones(taps, bool) if tiled else
              live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
     if (sh, sw) == (1, 1):
-        cells_per_strip = max(1, 2 * kernels.STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
+        cells_per_strip = lane_strip_cells(lanes)
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
     regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,

@@ -684,6 +684,20 @@ def test_split_plan_runs_its_lanes_convs_depth_first_in_row_bands(regions, monke
         assert lane_layers(sparse.plan_for(x)).count("a") == 1
 
 
+def test_lane_strips_cover_six_vectors_on_avx2_and_eight_on_avx512(monkeypatch):
+    """plan.lane_strip_cells: the cells of a stride-1 lanes conv's strip fill LANE_STRIP_VECTORS vectors (6 where
+    Numba targets AVX2, whose 16 registers 8 vectors' accumulators overflow; 8 on AVX-512), and where whole cells
+    fall short of that, as many as the 8-vector strip holds (a 64-lane cell is 4 vectors: 2 cells, not 1)."""
+    from sparsert import kernels
+    from sparsert import plan as plan_module
+    assert plan_module.LANE_STRIP_VECTORS == (8 if kernels.AVX512 else 6)
+    cells = {}
+    for vectors in (6, 8):
+        monkeypatch.setattr(plan_module, "LANE_STRIP_VECTORS", vectors)
+        cells[vectors] = [plan_module.lane_strip_cells(lanes) for lanes in (16, 32, 48, 64, 80, 128)]
+    assert cells == {6: [6, 3, 2, 2, 1, 1], 8: [8, 4, 2, 2, 1, 1]}
+
+
 def test_band_accesses_meet_exactly_where_their_arena_floats_do():
     """bands._meet, the schedule's dependency test, against the explicit sets of floats two accesses touch: one
     range per plane, rows first..end-1; same layout and base, or two layouts over reused arena memory."""

@@ -43,9 +43,11 @@ def _widths(dtype):
 
 
 def _wide_widths(dtype):
-    """wide_strip: the 8-accumulator kernel past 7 vectors, one or two 4-vector strips below."""
+    """wide_strip: the 8-accumulator kernel past 7 vectors, the 6-accumulator one past 5, one or two 4-vector
+    strips below."""
     lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
-    return sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes})
+    return sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 5 * lanes, 5 * lanes + 1, 6 * lanes - 1, 6 * lanes,
+                   6 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes})
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
