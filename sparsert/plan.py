@@ -1207,9 +1207,10 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         if i == 0 and not tiled:
             b.border_op[out] = len(b.rows)
             b.border_rows.add(len(b.rows))
-        b.lane_rows[len(b.rows)] = bands.LaneRows(
-            first_row=oy0, in_row=border - pads[0] + oy0 * sh, stride=sh, reach=(kh - 1) * dilation[0] + 1,
-            in_row_len=wq_in * lanes, out_row_len=wq_out * lanes, out_h=out_h, whole_width=(ox0, cols) == (0, out_w))
+        if not tiled:  # (a tiled conv writes its tiles' halos: it stays whole, outside any band run)
+            b.lane_rows[len(b.rows)] = bands.LaneRows(
+                first_row=oy0, in_row=border - pads[0] + oy0 * sh, stride=sh, reach=(kh - 1) * dilation[0] + 1,
+                in_row_len=wq_in * lanes, out_row_len=wq_out * lanes, out_h=out_h, whole_width=(ox0, cols) == (0, out_w))
         b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
                -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
                co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
