@@ -25,8 +25,8 @@ def target_has(feature: str) -> bool:
 
 # Without AVX-512 the kernels' 64-byte vectors become two AVX2 registers each, and a 16-lane gather two slow
 # ones: on Zen 3 the gather-based sliced matvec ran 1.4-1.9x slower than the CSR row loop (ops.SLICED_MATVEC).
-# The strips stay as they are there: 4-vector blocked strips and 4-vector lanes-conv strips (which spill less)
-# measured within noise or slower on whole layers (bench/RESULTS.md).
+# The lanes conv's strips narrow there from 8 vectors to 6 (plan.LANE_STRIP_VECTORS: 8 vectors' accumulators spill);
+# the column-blocked Linear keeps its 4-vector strips (a plain 4-vector strip measured no faster, bench/RESULTS.md).
 AVX512 = target_has("avx512f")
 
 # 'contract' lets LLVM fuse multiply-add; 'reassoc' lets it vectorise the batch-1 dot products.

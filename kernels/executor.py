@@ -170,7 +170,7 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             #    OH, OW, lanes, cells_per_strip, co_block, block bounds (u32 [C_out, 2 n_blocks]), n_blocks, tap offsets,
             #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
             #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9]),
-            #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: plan._band_schedule)
+            #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: sparsert.bands)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0

@@ -294,7 +294,7 @@ def channel_blocks(indptr, columns, taps: int, chans_per_block: int, n_chan: int
 
 def _zero_border(out, y0, y1, hq, wq, border, lanes):
     """Zero the border cells in rows y0..y1-1 (of hq, border included) of every channel of a lanes activation
-    out[C, plane]: all of them, or one band's (plan._band_schedule)."""
+    out[C, plane]: all of them, or one band's (sparsert.bands)."""
     for c in prange(out.shape[0]):
         plane = out[c]
         for y in range(y0, y1):

@@ -117,7 +117,8 @@ def _schedule_run(rows: list, layers: list, lane_rows: list, band_bytes: int) ->
             needs[j].append(need)
     done = [0] * len(bands)
     order_rows, order_layers = [], []
-    while len(order_rows) < sum(map(len, bands)):
+    total = sum(map(len, bands))
+    while len(order_rows) < total:
         for j in range(len(bands) - 1, -1, -1):  # the deepest op whose next band is ready
             k = done[j]
             if k < len(bands[j]) and all(done[i] >= n for i, n in needs[j][k].items()):

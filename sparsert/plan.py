@@ -860,6 +860,15 @@ LANE_MIN_BATCH = 16
 # Vectors a stride-1 lanes conv's strip covers (the cells of a work item: this x 16 floats over the lanes): 8 where
 # Numba targets AVX-512; on AVX2, where 8 spill (kernels.strip), 6.
 LANE_STRIP_VECTORS = 8 if kernels.AVX512 else 6
+LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
+LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
+LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
+LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
+LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
+LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
+LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
+LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
+LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -872,15 +881,6 @@ def lane_strip_cells(lanes: int) -> int:
     if cells * lanes < LANE_STRIP_VECTORS * kernels.LANE_VECTOR:
         cells = kernels.WIDE_VECTORS * kernels.LANE_VECTOR // lanes
     return max(1, cells)
-LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
-LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
-LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
-LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
-LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
-LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
-LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
-LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
-LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 
 
 def lane_geometry(n: int, h: int, w: int, border: int = 1) -> tuple[int, int, int, int]:
