@@ -14,7 +14,10 @@ L1-resident data.
 
 Numba has no vector types, so the loop is written in LLVM IR through `numba.extending.intrinsic`; it
 inlines into the calling kernel and is cached on disk with it. The last vector is masked, so any
-n_valid <= the strip width is exact and nothing past n_valid is read or written.
+n_valid <= the strip width is exact and nothing past n_valid is read or written. Strips whose callers
+only ever pass whole vectors (`whole`: the lanes conv's cells, a full 64-column Linear strip) skip that
+mask: AVX2 has no mask registers, and a mask known only at run time made each nonzero's last load a
+vmaskmovps pair (Zen 3, one core, x in L1, 19 nonzeros a strip: 23 -> 37 GMAC/s; bench/strip_ceiling.py).
 
 Arrays must be C-contiguous (addressed flat from their first element); x, out and res share one
 float dtype; indices are unsigned integers. Callers keep n_valid within the arrays' bounds, and call
@@ -48,9 +51,11 @@ def _check_types(x, indices, values, out, res, mask):
         raise TypingError("sparse_row_strip: x, values, out, res and mask must share one float dtype")
 
 
-def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False):
+def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False):
     # Independent accumulator chains: an FMA waits ~4 cycles for the previous one into the same register,
     # so strips of fewer than 4 vectors also split the nonzeros over n_sets accumulator sets.
+    # whole: n_valid is always n_vec full vectors (the caller's promise), so no load or store is masked. A mask
+    # known only at run time costs AVX2 a vmaskmovps pair per nonzero: 6 vectors in L1, 44.6 -> 36.7 GMAC/s.
     n_sets = n_sets or max(1, 4 // n_vec)
 
     def signature_of(x, indices, values, out, res, mask):
@@ -91,12 +96,12 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False):
         align = ir.Constant(i32, aty[0].dtype.bitwidth // 8)
 
         def load(ptr, v, passthru):
-            if v == n_vec - 1:
+            if v == n_vec - 1 and not whole:
                 return builder.call(mload, [ptr, align, last_mask, passthru])
             return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
 
         def store(value, ptr, v):
-            if v == n_vec - 1:
+            if v == n_vec - 1 and not whole:
                 builder.call(mstore, [value, ptr, align, last_mask])
             else:
                 builder.store(value, builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
@@ -224,14 +229,17 @@ strip1, strip2, strip3, strip4 = (_make_strip(n) for n in range(1, STRIP_VECTORS
 # of the 16 registers and 8 vectors' accumulators spill; 6 ran fastest there (bench/strip_ceiling.py, one core,
 # Zen 3: 4 vectors 30.4 GMAC/s, 6 32.0, 8 22.4), with a third fewer index and weight loads than 4. The plan picks
 # the width through the cells a work item covers (plan.LANE_STRIP_VECTORS).
+# Every cell of a lanes activation holds whole vectors, so these strips never mask (`whole`).
 WIDE_VECTORS = 2 * STRIP_VECTORS
-strip6, strip8 = _make_strip(6), _make_strip(WIDE_VECTORS)
+strip1_whole, strip2_whole, strip3_whole, strip4_whole, strip6, strip8 = (
+    _make_strip(n, whole=True) for n in (1, 2, 3, 4, 6, WIDE_VECTORS))
 # 4 vectors over 2 accumulator sets: 4 FMA chains wait on each other's latency only when x is in L1 (a
 # 128-column slab at batch 64: 40 -> 55 GMAC/s on one core; from L2 both run ~28). For column-blocked SpMMs.
-strip4_split = _make_strip(STRIP_VECTORS, n_sets=2)
+# Whole vectors only: its caller runs it on full 64-column strips.
+strip4_split = _make_strip(STRIP_VECTORS, n_sets=2, whole=True)
 # Two cells of a strided lanes conv (batch 16, 32 or 64 per cell) per strip: one vector per cell left the
 # FMA chains waiting on each other (the 4-vector strip of one 64-lane cell ran at half the FMA rate).
-strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True) for n in (2, 4, 2 * STRIP_VECTORS))
+strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True, whole=True) for n in (2, 4, 2 * STRIP_VECTORS))
 PAIR_CELL_SIZES = (16, 32, 64)  # floats a cell may hold for `cell_pair_strip`
 
 
@@ -255,28 +263,43 @@ def row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res
 
 
 @njit(inline="always", nogil=True)
+def _whole_short_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_vec, res, r, has_res, relu, mask, m,
+                       has_mask):
+    """`row_strip` for n_vec (1-4) whole vectors: no mask."""
+    n = n_vec * (VECTOR_BYTES // x.itemsize)
+    if n_vec == 1:
+        strip1_whole(x, x0, stride, indices, values, k0, k1, init, out, o, n, res, r, has_res, relu, mask, m, has_mask)
+    elif n_vec == 2:
+        strip2_whole(x, x0, stride, indices, values, k0, k1, init, out, o, n, res, r, has_res, relu, mask, m, has_mask)
+    elif n_vec == 3:
+        strip3_whole(x, x0, stride, indices, values, k0, k1, init, out, o, n, res, r, has_res, relu, mask, m, has_mask)
+    else:
+        strip4_whole(x, x0, stride, indices, values, k0, k1, init, out, o, n, res, r, has_res, relu, mask, m, has_mask)
+
+
+@njit(inline="always", nogil=True)
 def wide_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
                has_mask):
-    """Up to WIDE_VECTORS vectors: 6 or 8 accumulators share each nonzero's index and weight loads and
-    hide the FMA latency; a strip too short for that runs as one or two `row_strip`s."""
+    """Up to WIDE_VECTORS whole vectors (n_valid a multiple of the vector length: the lanes conv's cells): 6 or 8
+    accumulators share each nonzero's index and weight loads and hide the FMA latency; a strip too short for that
+    runs as one or two of up to 4 vectors."""
     n_lanes = VECTOR_BYTES // x.itemsize
-    half = STRIP_VECTORS * n_lanes
-    six = 6 * n_lanes
-    if n_valid > (WIDE_VECTORS - 1) * n_lanes:
+    n_vec = n_valid // n_lanes
+    if n_vec == WIDE_VECTORS:
         strip8(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
                has_mask)
-    elif n_valid > 5 * n_lanes:
-        strip6(x, x0, stride, indices, values, k0, k1, init, out, o, min(n_valid, six), res, r, has_res, relu, mask,
-               m, has_mask)
-        if n_valid > six:
-            row_strip(x, x0 + six, stride, indices, values, k0, k1, init, out, o + six, n_valid - six, res, r + six,
-                      has_res, relu, mask, m + six, has_mask)
+        return
+    head = 6 if n_vec >= 6 else min(n_vec, STRIP_VECTORS)
+    if head == 6:
+        strip6(x, x0, stride, indices, values, k0, k1, init, out, o, 6 * n_lanes, res, r, has_res, relu, mask, m,
+               has_mask)
     else:
-        row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, min(n_valid, half), res, r, has_res, relu,
-                  mask, m, has_mask)
-        if n_valid > half:
-            row_strip(x, x0 + half, stride, indices, values, k0, k1, init, out, o + half, n_valid - half, res,
-                      r + half, has_res, relu, mask, m + half, has_mask)
+        _whole_short_strip(x, x0, stride, indices, values, k0, k1, init, out, o, head, res, r, has_res, relu, mask, m,
+                           has_mask)
+    if n_vec > head:
+        step = head * n_lanes
+        _whole_short_strip(x, x0 + step, stride, indices, values, k0, k1, init, out, o + step, n_vec - head, res,
+                           r + step, has_res, relu, mask, m + step, has_mask)
 
 
 @njit(inline="always", nogil=True)

@@ -43,11 +43,10 @@ def _widths(dtype):
 
 
 def _wide_widths(dtype):
-    """wide_strip: the 8-accumulator kernel past 7 vectors, the 6-accumulator one past 5, one or two 4-vector
-    strips below."""
+    """wide_strip takes whole vectors (a lanes activation's cells): the 8-accumulator kernel at 8, the
+    6-accumulator one at 6 and 7 (plus one vector), one or two strips of up to 4 vectors below."""
     lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
-    return sorted({1, lanes, 4 * lanes, 4 * lanes + 1, 5 * lanes, 5 * lanes + 1, 6 * lanes - 1, 6 * lanes,
-                   6 * lanes + 1, 7 * lanes, 7 * lanes + 1, 8 * lanes - 1, 8 * lanes})
+    return [n * lanes for n in range(1, kernels.WIDE_VECTORS + 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
