@@ -872,15 +872,13 @@ LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work it
 
 
 def lane_strip_cells(lanes: int) -> int:
-    """Output cells a stride-1 lanes conv's strip covers: those that fill LANE_STRIP_VECTORS vectors, or where whole
-    cells fall short of that (a 64-lane cell is 4 vectors), those that fit the widest strip (kernels.WIDE_VECTORS).
+    """Output cells a stride-1 lanes conv's strip covers: as many as fit LANE_STRIP_VECTORS vectors, at least one.
     AVX2, CIFAR ResNet18 at batch 64 (32-lane shares, paired whole calls): 3-cell 6-vector strips 1.31-1.33x faster
-    than 4-cell 8-vector ones at 90% and global-98, 1.02x at 98%; torchvision resnet18 90% (64 lanes, per-op
-    plan) ran 1-cell 4-vector strips 0.92x as fast as 2-cell 8-vector ones."""
-    cells = LANE_STRIP_VECTORS * kernels.LANE_VECTOR // lanes
-    if cells * lanes < LANE_STRIP_VECTORS * kernels.LANE_VECTOR:
-        cells = kernels.WIDE_VECTORS * kernels.LANE_VECTOR // lanes
-    return max(1, cells)
+    than 4-cell 8-vector ones at 90% and global-98, 1.02x at 98%. torchvision resnet18 90% (64 lanes, per-op plan):
+    one 4-vector cell ran 0.92x as fast as two in the 8-vector strip while strips masked their last vector, and
+    1.08-1.09x as fast since they take whole vectors (kernels.strip), so a cell that fills fewer than 6 vectors is
+    no longer paired into the spilling 8-vector strip."""
+    return max(1, LANE_STRIP_VECTORS * kernels.LANE_VECTOR // lanes)
 
 
 def lane_geometry(n: int, h: int, w: int, border: int = 1) -> tuple[int, int, int, int]:
