@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, twin
-from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip, strip4_split, strip4_whole
+from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip, strip4_split
 
 
 def _csr_matvec(indptr, indices, data, x, bias, relu, out):
@@ -39,13 +39,8 @@ def _csr_spmm(indptr, indices, data, xt, bias, residual, has_residual, relu, out
         i = item % n_row
         j0 = (item // n_row) * width
         row_start = i * n_batch + j0
-        n_valid = min(width, n_batch - j0)
-        if n_valid == width:  # a full strip needs no masked tail (AVX2 pays for a run-time mask on every load)
-            strip4_whole(xt, j0, xt.shape[1], indices, data, indptr[i], indptr[i + 1], bias[i], out, row_start,
-                         n_valid, residual, row_start, has_residual, relu, data, 0, False)
-        else:
-            row_strip(xt, j0, xt.shape[1], indices, data, indptr[i], indptr[i + 1], bias[i], out, row_start,
-                      n_valid, residual, row_start, has_residual, relu, data, 0, False)
+        row_strip(xt, j0, xt.shape[1], indices, data, indptr[i], indptr[i + 1], bias[i], out, row_start,
+                  min(width, n_batch - j0), residual, row_start, has_residual, relu, data, 0, False)
 
 
 # Rows per work item of the column-blocked SpMM: each item reloads every column slab once, so up to 256
