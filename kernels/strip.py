@@ -15,9 +15,10 @@ L1-resident data.
 Numba has no vector types, so the loop is written in LLVM IR through `numba.extending.intrinsic`; it
 inlines into the calling kernel and is cached on disk with it. The last vector is masked, so any
 n_valid <= the strip width is exact and nothing past n_valid is read or written. Strips whose callers
-only ever pass whole vectors (`whole`: the lanes conv's cells, a full 64-column Linear strip) skip that
-mask: AVX2 has no mask registers, and a mask known only at run time made each nonzero's last load a
-vmaskmovps pair (Zen 3, one core, x in L1, 19 nonzeros a strip: 23 -> 37 GMAC/s; bench/strip_ceiling.py).
+only ever pass whole vectors (`whole`: the lanes conv's cells, the column-blocked Linear's full 64-column
+strips) skip that mask: AVX2 has no mask registers, and a mask known only at run time made each nonzero's
+last load a vmaskmovps pair (Zen 3, one core, x in L1, 19-nonzero strips through `wide_strip`: 23 -> 37 GMAC/s
+in a quiet minute; bench/strip_ceiling.py's short-strip rows measure the same pair).
 
 Arrays must be C-contiguous (addressed flat from their first element); x, out and res share one
 float dtype; indices are unsigned integers. Callers keep n_valid within the arrays' bounds, and call
@@ -55,7 +56,8 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
     # Independent accumulator chains: an FMA waits ~4 cycles for the previous one into the same register,
     # so strips of fewer than 4 vectors also split the nonzeros over n_sets accumulator sets.
     # whole: n_valid is always n_vec full vectors (the caller's promise), so no load or store is masked. A mask
-    # known only at run time costs AVX2 a vmaskmovps pair per nonzero: 6 vectors in L1, 44.6 -> 36.7 GMAC/s.
+    # known only at run time costs AVX2 a vmaskmovps pair per nonzero: 6 vectors in L1 ran 44.6 GMAC/s with a
+    # constant mask (folded away), 36.7 with a run-time one.
     n_sets = n_sets or max(1, 4 // n_vec)
 
     def signature_of(x, indices, values, out, res, mask):
