@@ -22,9 +22,10 @@ import numpy as np
 
 from .kernels import executor as ex
 
-# LANE_CONV parameters (kernels.executor) the schedule reads or rewrites
+# LANE_CONV parameters (kernels.executor) the schedule reads or rewrites; BORDER_ROWS (output rows whose border
+# the op zeroes first, 0: none) is also the one plan.unread_borders clears
 _X, _C_IN, _PLANE_IN, _OUT, _C_OUT, _PLANE_OUT, _RES = 0, 1, 2, 3, 4, 5, 6
-_ORIGIN, _STEP_Y, _ROWS, _FIRST_CELL, _BORDER_ROWS, _CELLS_PER_ROW, _ZERO_FROM, _ZERO_TO = 8, 9, 11, 22, 23, 24, 27, 28
+_ORIGIN, _STEP_Y, _ROWS, _FIRST_CELL, BORDER_ROWS, _CELLS_PER_ROW, _ZERO_FROM, _ZERO_TO = 8, 9, 11, 22, 23, 24, 27, 28
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,10 @@ def _band(row, d: LaneRows, first: int, end: int):
     q[_ROWS] = end - first
     q[_FIRST_CELL] += shift * p[_CELLS_PER_ROW]
     written = [first + 1, end + 1]  # rows with border: output row r is row r + 1
-    if p[_BORDER_ROWS]:
+    if p[BORDER_ROWS]:
         if (first, end) != (d.first_row, d.first_row + p[_ROWS]):  # a band zeroes its own rows' border cells
             q[_ZERO_FROM] = first + 1 if first > 0 else 0
-            q[_ZERO_TO] = end + 1 if end < d.out_h else p[_BORDER_ROWS]
+            q[_ZERO_TO] = end + 1 if end < d.out_h else p[BORDER_ROWS]
         written = [min(written[0], q[_ZERO_FROM]), max(written[1], q[_ZERO_TO])]
     band = [*row[:2], *q]
     in_first = d.in_row + shift * d.stride
@@ -92,7 +93,7 @@ def _bands(row, d: LaneRows, band_bytes: int) -> list:
     rows = p[_ROWS]
     whole_map = d.first_row == 0 and rows == d.out_h
     per_band = max(1, band_bytes // (4 * p[_C_OUT] * d.out_row_len))
-    if not d.whole_width or (p[_BORDER_ROWS] and not whole_map) or per_band >= rows:
+    if not d.whole_width or (p[BORDER_ROWS] and not whole_map) or per_band >= rows:
         return [_band(row, d, d.first_row, d.first_row + rows)]
     return [_band(row, d, first, min(first + per_band, d.first_row + rows))
             for first in range(d.first_row, d.first_row + rows, per_band)]

@@ -231,7 +231,7 @@ class _Builder:
         a 3x3 conv's regions, a 1x1 conv, pools, residual reads and conversions read interior cells only. A
         512-channel 1x1 map at batch 64 is 8/9 border: zeroing it took 0.1 ms for a conv of 0.01 ms."""
         for row in self.border_rows - self.border_read:
-            self.rows[row][2 + _ZERO_BORDER_PARAM] = 0
+            self.rows[row][2 + bands.BORDER_ROWS] = 0
 
     def hold(self, offset: int, readers: int) -> None:
         self.refs[offset] = self.refs.get(offset, 0) + readers
@@ -286,7 +286,6 @@ class _Builder:
 
 # Ops with a fused ReLU flag: where it and the output offset sit in their parameters (kernels.executor).
 _RELU_PARAM = {ex.LANE_CONV: 7, ex.CONV_GEMM: 6, ex.LINEAR_CSR: 5, ex.LINEAR_SLICED: 4, ex.CONV: 9, ex.GRID_CONV: 6}
-_ZERO_BORDER_PARAM = 23  # LANE_CONV: output rows whose border it zeroes first (0: none)
 _OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.LINEAR_SLICED: 1, ex.CONV: 3, ex.GRID_CONV: 3}
 
 
