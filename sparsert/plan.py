@@ -860,8 +860,9 @@ LANE_MIN_BATCH = 16
 # Numba targets AVX-512; on AVX2, where 8 spill (kernels.strip), 6.
 LANE_STRIP_VECTORS = 8 if kernels.AVX512 else 6
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
-LANE_WINDOW_BYTES = 32 << 10  # an input-channel block's window (channels x taps x lanes): about L1
+LANE_WINDOW_BYTES = 16 << 10  # an input-channel block's window (channels x taps x lanes): with the strip's halo, ~L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
+LANE_BLOCK_STRIP_NNZ = 25  # nonzeros per row a channel block gets even past the window (lane_channel_block)
 LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
 LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
 LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
@@ -995,10 +996,17 @@ def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> in
     about L1, or all channels in one block when such a block would hold fewer than LANE_BLOCK_MIN_NNZ
     nonzeros per row. A/B at batch 64, ResNet18 conv shapes: blocks ran 1.1-1.55x faster at 10-25%
     density; at 2-5% one block was as fast or up to 1.2x faster (too few nonzeros to pay each block's
-    partial-sum pass)."""
+    partial-sum pass).
+    Between the two, a block holds at least LANE_BLOCK_STRIP_NNZ nonzeros per row, past the window if it
+    must: each block pass loads and stores every strip's partial sums, which a short strip pays for more
+    than the window's misses (Zen 4, 64-channel 3x3 conv, one core: at 10% 28 channels ran as fast as 14,
+    at 20-30% 14 ran 1.15-1.25x faster than 28; CIFAR ResNet18 global-98 at batch 64, whose 32x32 convs are
+    27-30% dense, 1.10x paired against the fixed 28-channel window, bench/RESULTS.md)."""
     window = max(1, LANE_WINDOW_BYTES // (taps * lanes * 4))
     if window * taps * density < LANE_BLOCK_MIN_NNZ:
         return n_chan
+    if LANE_BLOCK_STRIP_NNZ:
+        window = max(window, math.ceil(LANE_BLOCK_STRIP_NNZ / (taps * density)))
     return min(n_chan, window)
 
 

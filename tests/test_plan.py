@@ -923,6 +923,7 @@ def test_lane_conv_sums_channel_blocks_before_the_relu(monkeypatch):
     from sparsert import plan as plan_module
     monkeypatch.setattr(plan_module, "LANE_WINDOW_BYTES", 1)
     monkeypatch.setattr(plan_module, "LANE_BLOCK_MIN_NNZ", 0.0)
+    monkeypatch.setattr(plan_module, "LANE_BLOCK_STRIP_NNZ", 0)
     model = _lane_net(density=0.6)
     sparse = sparsert.sparsify(model, min_sparsity=0.3)
     x = torch.randn(16, 3, 30, 26)
@@ -996,13 +997,17 @@ def test_lane_conv_leaves_a_shared_or_residual_map_to_the_max_pool():
 
 
 def test_lane_channel_block_rule():
-    from sparsert.plan import LANE_WINDOW_BYTES, lane_channel_block
-    window = LANE_WINDOW_BYTES // (9 * 64 * 4)
-    # 3x3 at 64 lanes, 10-50% dense: blocks of about L1 of input
-    assert lane_channel_block(256, 9, 64, 0.1) == lane_channel_block(256, 9, 64, 0.5) == window
-    # 2% dense: a window-sized block holds ~2 nonzeros per row, too few to pay a pass: one block
-    assert lane_channel_block(512, 9, 64, 0.02) == 512
-    assert lane_channel_block(8, 9, 64, 0.5) == 8  # never more than all channels
+    from sparsert.plan import LANE_BLOCK_MIN_NNZ, LANE_BLOCK_STRIP_NNZ, LANE_WINDOW_BYTES, lane_channel_block
+    window = LANE_WINDOW_BYTES // (9 * 32 * 4)  # 3x3 at 32 lanes
+    assert window * 9 * 0.5 >= LANE_BLOCK_STRIP_NNZ and window * 9 * 0.1 >= LANE_BLOCK_MIN_NNZ  # cases as named
+    # 50% dense: a block of about L1 of input already holds enough nonzeros per row
+    assert lane_channel_block(256, 9, 32, 0.5) == window
+    # 10% dense: the block grows past the window until a row holds LANE_BLOCK_STRIP_NNZ nonzeros in it
+    block = lane_channel_block(256, 9, 32, 0.1)
+    assert block > window and (block - 1) * 9 * 0.1 < LANE_BLOCK_STRIP_NNZ <= block * 9 * 0.1
+    # 2% dense: a window-sized block holds ~1 nonzero per row, too few to pay a pass: one block
+    assert lane_channel_block(512, 9, 32, 0.02) == 512
+    assert lane_channel_block(8, 9, 32, 0.5) == 8  # never more than all channels
 
 
 class _DenseThenRelu(nn.Module):
