@@ -210,11 +210,14 @@ IM2COL_GATHER_COST = 3.0
 IM2COL_MAX_PIXELS = 16
 
 
-def uses_im2col(n_img: int, out_h: int, out_w: int, hq: int, wq: int, out_channels: int, density: float) -> bool:
+def uses_im2col(n_img: int, out_h: int, out_w: int, hq: int, wq: int, out_channels: int, density: float,
+                gather_cost: float | None = None) -> bool:
+    """The cost model above; gather_cost replaces IM2COL_GATHER_COST (read at each call) where the other path
+    is not the direct conv (plan.GRID_GATHER_COST)."""
     if n_img * out_h * out_w <= IM2COL_MAX_PIXELS:
         return True
     waste = hq * wq / (out_h * out_w)
-    return out_channels * density * (waste - 1.0) > IM2COL_GATHER_COST
+    return out_channels * density * (waste - 1.0) > (IM2COL_GATHER_COST if gather_cost is None else gather_cost)
 
 
 def conv2d_numba(x, layer, residual=None, relu=False):

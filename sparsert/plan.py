@@ -755,6 +755,13 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     return (out, "cnhw", (out_channels, n, out_h, out_w))
 
 
+# ops.uses_im2col's gather cost where the other path is the grid conv (plan only), not the eager direct conv: it
+# reads its taps in place, with no pack. torchvision resnet18 at batch 1 on Zen 4, whose layer1 convs (8x8, 10%
+# dense) took im2col at the eager cost (3): paired whole calls 1.09x and 1.33x faster at 12 (90%; two runs), 1.03x
+# (98%); the CIFAR ResNet18 plans (tiled) 0.997-1.03x.
+GRID_GATHER_COST = 12.0
+
+
 def _runs_on_grid(m, n: int, h: int, w: int) -> bool:
     """A stride-1 sparse conv whose output has its input's size, whose padding fits the grid border,
     and which would not take the im2col path at this size: it runs grid to grid."""
@@ -763,7 +770,7 @@ def _runs_on_grid(m, n: int, h: int, w: int) -> bool:
     kh, kw = m.kernel_size
     pad = (kh - 1) // 2
     return (m.stride == (1, 1) and m.dilation == (1, 1) and kh == kw and kh in (1, 3) and m.pads == (pad,) * 4
-            and not ops.uses_im2col(n, h, w, h + 2 * pad, w + 2 * pad, m.out_channels, m.density))
+            and not ops.uses_im2col(n, h, w, h + 2 * pad, w + 2 * pad, m.out_channels, m.density, GRID_GATHER_COST))
 
 
 def _feeds_grid_conv(node, n: int, h: int, w: int) -> bool:
