@@ -1,4 +1,4 @@
-"""`sparsert bench` and bench/profile_plan.py run end to end on the tiny cases and write what they document.
+"""`sparsert bench` and the bench/ scripts run end to end on the tiny cases and write what they document.
 No timing is checked."""
 import argparse
 import importlib.util
@@ -6,11 +6,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from sparsert import bench, ops
 from sparsert.convert import sparsify
+from sparsert.kernels.lanes import lane_conv_seq
+from sparsert.plan import lane_channel_block
 
 RECORD_FIELDS = {"engine", "version", "versions", "model", "pruning", "sparsity", "batch_size", "num_cores",
                  "scenario", "input_shapes", "benchmark_result", "speedup_vs_torch", "speedup_vs_best_dense",
@@ -86,6 +89,34 @@ def test_strip_ceiling_script_runs(capsys):
     assert all(aligned > 0 and shifted > 0 for _, aligned, shifted in rows[:4])
     assert all(aligned > 0 for _, aligned, _ in rows[4:])
     assert "dense sgemm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("planes, block", [(16, 5), (16, 16), (4, 5)])
+def test_conv_ceiling_times_a_real_conv(planes, block):
+    """bench/conv_ceiling.py's conv is the 3x3 'same' conv + ReLU of its weights over the input it builds (with
+    channel c reading plane c % planes), in channel blocks or one: its figures are a real conv's."""
+    conv_ceiling = _bench_script("conv_ceiling")
+    channels, size, rows, lanes = 16, 8, 3, 32
+    args, macs, w = conv_ceiling.conv_case(channels, size, rows, lanes, 0.3, block, planes)
+    out, x = args[11], args[3]
+    out[:] = np.nan  # every output cell the conv covers must be written
+    lane_conv_seq(*args)
+    plane = out.shape[1]
+    grid = x.reshape(planes, plane)[:, :(size + 2) ** 2 * lanes].reshape(planes, size + 2, size + 2, lanes)
+    maps = torch.from_numpy(np.ascontiguousarray(grid[np.arange(channels) % planes, 1:-1, 1:-1].transpose(3, 0, 1, 2)))
+    weight = torch.from_numpy(w.toarray().reshape(channels, channels, 3, 3))
+    expected = torch.relu(torch.nn.functional.conv2d(maps, weight, padding=1))[:, :, :rows]
+    cells = out[:, :(size + 2) ** 2 * lanes].reshape(channels, size + 2, size + 2, lanes)[:, 1:1 + rows, 1:-1]
+    torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(cells.transpose(3, 0, 1, 2))), expected,
+                               rtol=1e-4, atol=1e-4)
+    assert macs == w.nnz * rows * size * lanes
+
+
+def test_conv_ceiling_script_runs(capsys):
+    rows = _bench_script("conv_ceiling").main(["--channels", "16", "--size", "8", "--densities", "0.3",
+                                               "--repeats", "2"])
+    assert len(rows) == 1 and rows[0][:2] == (0.3, lane_channel_block(16, 9, 32, 0.3)) and all(r > 0 for r in rows[0][2:])
+    assert "window in L1" in capsys.readouterr().out
 
 
 def test_profile_plan_times_every_op_of_the_plan(capsys):
