@@ -1025,7 +1025,7 @@ def test_lane_channel_block_rule():
     # 10% dense: the block grows past the window until a row holds LANE_BLOCK_STRIP_NNZ nonzeros in it
     block = lane_channel_block(256, 9, 32, 0.1)
     assert block > window and (block - 1) * 9 * 0.1 < LANE_BLOCK_STRIP_NNZ <= block * 9 * 0.1
-    # 2% dense: a window-sized block holds ~1 nonzero per row, too few to pay a pass: one block
+    # 2% dense: a window-sized block holds ~2.5 nonzeros per row, too few to pay a pass: one block
     assert lane_channel_block(512, 9, 32, 0.02) == 512
     assert lane_channel_block(8, 9, 32, 0.5) == 8  # never more than all channels
 
