@@ -37,12 +37,11 @@ def conv_case(channels: int, size: int, rows: int, lanes: int, density: float, b
     channels -> channels 3x3 'same' conv with ReLU over the first `rows` output rows of a size x size map, whose
     input channel c is plane c % planes of x (a lanes activation: zero border, interior random)."""
     rng = np.random.default_rng(seed)
-    wq = size + 2
+    lanes, hq, wq, plane = plan.lane_geometry(lanes, size, size)  # the planner's padded plane
     cells = plan.lane_strip_cells(lanes)
-    plane = (size + 2) * wq * lanes + 16  # an odd number of cache lines, as the planner pads them
     x = plan.aligned_empty(planes * plane)
     x[:] = 0
-    grid = x.reshape(planes, plane)[:, :(size + 2) * wq * lanes].reshape(planes, size + 2, wq, lanes)
+    grid = x.reshape(planes, plane)[:, :hq * wq * lanes].reshape(planes, hq, wq, lanes)
     grid[:, 1:-1, 1:-1] = rng.standard_normal((planes, size, size, lanes))
     out = plan.aligned_empty(channels * plane).reshape(channels, plane)
     out[:] = 0
@@ -80,7 +79,7 @@ def main(argv=None) -> list:
             for one_block, planes in ((False, args.channels), (True, args.channels), (False, ALIASED_PLANES),
                                       (True, ALIASED_PLANES)):
                 conv, macs, _ = conv_case(args.channels, args.size, args.rows, args.lanes, density,
-                                       args.channels if one_block else block, planes)
+                                          args.channels if one_block else block, planes)
                 rates.append(macs / fastest_seconds(lambda: lane_conv_seq(*conv), args.repeats) / 1e9)
             print(f"{density:7.2f} {block:5d}  {rates[0]:10.1f} {rates[1]:10.1f} {rates[2]:12.1f} {rates[3]:6.1f}")
             rows.append((density, block, *rates))

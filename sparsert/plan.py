@@ -1012,9 +1012,7 @@ def lane_channel_block(n_chan: int, taps: int, lanes: int, density: float) -> in
     window = max(1, LANE_WINDOW_BYTES // (taps * lanes * 4))
     if window * taps * density < LANE_BLOCK_MIN_NNZ:
         return n_chan
-    if LANE_BLOCK_STRIP_NNZ:
-        window = max(window, math.ceil(LANE_BLOCK_STRIP_NNZ / (taps * density)))
-    return min(n_chan, window)
+    return min(n_chan, max(window, math.ceil(LANE_BLOCK_STRIP_NNZ / (taps * density))))
 
 
 def _axis_runs(n_out: int, n_in: int, k: int, stride: int, dilation: int, pad: int) -> list:
