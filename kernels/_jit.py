@@ -9,9 +9,10 @@ import numpy as np
 
 import numba
 from llvmlite import binding as llvm_binding, ir
-from numba import njit
+from numba import njit, types as nb_types
 from numba.core import cgutils
 from numba.core.cpu_options import ParallelOptions
+from numba.extending import intrinsic
 
 
 def target_has(feature: str) -> bool:
@@ -78,3 +79,15 @@ def declare_function(module, name, return_type, arg_types):
     """The LLVM function `name` (an intrinsic such as llvm.fma.v16f32) in `module`, declared once: for the
     kernels written in LLVM IR (strip.py, sliced.py)."""
     return cgutils.get_or_insert_function(module, ir.FunctionType(return_type, arg_types), name)
+
+
+@intrinsic
+def thread_count(typingctx):
+    """numba.get_num_threads() for kernels cached on disk: Numba's own reads the count through a ctypes pointer,
+    which its cache refuses ('dynamic globals'); this calls the threading layer's symbol, as Numba's
+    get_thread_id does. The layer must be running (kernels/__init__ starts it)."""
+    def codegen(context, builder, signature, args):
+        # Declared as Numba's parfor lowering declares it (returning intp): one module may hold both.
+        intp = context.get_value_type(nb_types.intp)
+        return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(intp, []), "get_num_threads"), [])
+    return nb_types.intp(), codegen

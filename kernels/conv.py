@@ -8,9 +8,9 @@ whatever the kernel size, stride, dilation or groups. Grid positions with ow >= 
 are computed and discarded; the epilogue writes only valid pixels, fusing bias, residual and ReLU.
 """
 import numpy as np
-from numba import get_thread_id, prange
+from numba import get_thread_id, njit, prange
 
-from ._jit import relu_or_identity, twin
+from ._jit import OPTIONS, relu_or_identity, thread_count, twin
 from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 # Zero cells around each image of a grid activation (see `_grid_conv`): the padding of the 3x3 'same'
@@ -161,17 +161,14 @@ def tap_offsets(chan, dy, dx, row_len: int, wq: int):
     return offsets.astype(np.uint32) if offsets.size == 0 or offsets.max() < 2 ** 32 else offsets
 
 
-def _gather_columns(planes, table, out):
-    """im2col: out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING.
-
-    In: planes[C, N*H*W] (a CNHW activation, unpadded), table[taps, P] from `im2col_table`.
-    Out: out[C*taps, >= P] (the first P columns written). One table lookup per value and no branch, and no
-    packed copy of the input is needed (per-pixel bounds logic ran at ~2 ns per value on 4x4 maps)."""
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _gather_channels(planes, table, out, c0, c1):
+    """out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING, for channels c0 <= c < c1."""
     taps = table.shape[0]
     n_pix = table.shape[1]
     plane_len, row_len = planes.shape[1], out.shape[1]
     src_flat, idx_flat, dst_flat = planes.reshape(-1), table.reshape(-1), out.reshape(-1)
-    for c in prange(planes.shape[0]):
+    for c in range(c0, c1):
         # Flat offsets, channel-outer: per-row array views and a division per row were most of the cost
         # of the 4-pixel rows of small maps; padding mixes with pixels irregularly there, so it is
         # selected, not branched on (13 -> 9.5 us for 256 channels x 9 taps x 4 pixels).
@@ -186,12 +183,80 @@ def _gather_columns(planes, table, out):
                 dst_flat[dst + np.uintp(p)] = 0.0 if pad else v
 
 
+def _gather_columns(planes, table, out):
+    """im2col: out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING.
+
+    In: planes[C, N*H*W] (a CNHW activation, unpadded), table[taps, P] from `im2col_table`.
+    Out: out[C*taps, >= P] (the first P columns written). One table lookup per value and no branch, and no
+    packed copy of the input is needed (per-pixel bounds logic ran at ~2 ns per value on 4x4 maps)."""
+    n_chan = planes.shape[0]
+    # Channel chunks, one per thread: a reshape per call costs ~35 ns, more than a 1x1 map's channel.
+    n_chunks = min(n_chan, thread_count())
+    for chunk in prange(n_chunks):
+        _gather_channels(planes, table, out, chunk * n_chan // n_chunks, (chunk + 1) * n_chan // n_chunks)
+
+
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _split_row(indptr, part, n_parts):
+    """The first CSR row of `part` when the rows are cut into n_parts runs of about equal nonzeros."""
+    if part == 0:
+        return 0
+    n_row = indptr.shape[0] - 1
+    if part >= n_parts:
+        return n_row
+    target = indptr[n_row] * part // n_parts
+    lo, hi = 0, n_row
+    while lo < hi:  # the first row whose nonzeros start at or past the target
+        mid = (lo + hi) // 2
+        if indptr[mid] < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, residual, has_residual, relu, out):
+    """im2col and its CSR SpMM in one parallel region: each thread gathers every column into its own copy,
+    then computes its share of the output channels from it (an equal share of the nonzeros).
+
+    The gather is done twice, once per core, so that no core reads the columns another one wrote. With the
+    gather serial and the product split, the second core pulled the whole column matrix over from the
+    first: ~0.1 us a cache line when the two cores sit on different dies of the host, which this VM's
+    vCPUs do for minutes at a time (torchvision resnet18 global-98 at batch 1: 0.35 ms -> 0.70; round
+    trip between the cores 55 -> 330 ns, bench/RESULTS.md).
+
+    In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns`; cols[parts, C*taps, >= P] (scratch,
+    one copy per part); the CSR of the conv (rows = out channels, columns c*taps + t). Out: out[Cout, P] =
+    relu?(bias + W cols + residual); residual like out (read unless has_residual)."""
+    n_parts = min(cols.shape[0], thread_count())
+    n_pix = out.shape[1]
+    width = STRIP_VECTORS * VECTOR_BYTES // cols.itemsize
+    for part in prange(n_parts):
+        mine = cols[part]
+        _gather_channels(planes, table, mine, 0, planes.shape[0])
+        row_len = mine.shape[1]
+        for i in range(_split_row(indptr, part, n_parts), _split_row(indptr, part + 1, n_parts)):
+            if n_pix == 1:  # a 1x1 map: one dot product (a strip would fill one lane of a vector)
+                acc = bias[i]
+                for k in range(indptr[i], indptr[i + 1]):
+                    acc += data[k] * mine[indices[k], 0]
+                if has_residual:
+                    acc += residual[i, 0]
+                out[i, 0] = relu_or_identity(acc, relu)
+                continue
+            for j0 in range(0, n_pix, width):
+                o = i * n_pix + j0
+                row_strip(mine, j0, row_len, indices, data, indptr[i], indptr[i + 1], bias[i], out, o,
+                          min(width, n_pix - j0), residual, o, has_residual, relu, data, 0, False)
+
+
 pack_input_par, pack_input_seq = twin(_pack_input)
 gather_columns_par, gather_columns_seq = twin(_gather_columns)
+private_gather_gemm = njit(parallel=True, **OPTIONS)(_private_gather_gemm)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 grid_conv_par, grid_conv_seq = twin(_grid_conv)
 
-__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "private_gather_gemm", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

@@ -17,6 +17,7 @@ from numba.extending import intrinsic
 
 from ._jit import OPTIONS, relu_or_identity, twin
 from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
+                   private_gather_gemm,
                    sparse_conv_par, sparse_conv_seq)
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_maxpool_par,
                     lane_conv_maxpool_seq, lane_conv_par, lane_conv_seq,
@@ -30,7 +31,7 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_b
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
-TO_TILES, FROM_TILES = 23, 24
+TO_TILES, FROM_TILES, GATHER_GEMM = 23, 24, 25
 N_PARAMS = 29
 
 
@@ -261,6 +262,23 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 csr_spmm_dispatch(indptr, u16[p[8]:p[8] + p[9]], values, cols, bias, res, has_res, p[6] != 0, out, par)
             else:
                 csr_spmm_dispatch(indptr, u32[p[8]:p[8] + p[9]], values, cols, bias, res, has_res, p[6] != 0, out, par)
+        elif code == GATHER_GEMM:
+            # p: activation (CNHW), plane_len (N*H*W), C, taps, P, table (u32), row_len, cols (one copy per part),
+            #    parts, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, indices_u16
+            planes = arena[p[0]:p[0] + p[2] * p[1]].reshape((p[2], p[1]))
+            table = u32[p[5]:p[5] + p[3] * p[4]].reshape((p[3], p[4]))
+            cols = arena[p[7]:p[7] + p[8] * p[2] * p[3] * p[6]].reshape((p[8], p[2] * p[3], p[6]))
+            out = arena[p[9]:p[9] + p[10] * p[4]].reshape((p[10], p[4]))
+            has_res = p[11] >= 0
+            res = arena[p[11]:p[11] + p[10] * p[4]].reshape((p[10], p[4])) if has_res else out
+            indptr = u32[p[13]:p[13] + p[10] + 1]
+            values, bias = f32[p[16]:p[16] + p[15]], f32[p[17]:p[17] + p[10]]
+            if p[18]:
+                private_gather_gemm(planes, table, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res, has_res,
+                                    p[12] != 0, out)
+            else:
+                private_gather_gemm(planes, table, cols, indptr, u32[p[14]:p[14] + p[15]], values, bias, res, has_res,
+                                    p[12] != 0, out)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc,
             #    indices_u16 (1: indices live in u16), column blocks (0: plain CSR; else indptr is

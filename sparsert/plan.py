@@ -729,6 +729,16 @@ def drop_dead_taps(indptr, indices, values, taps: int, live, compact: bool):
     return new_indptr, new_indices, np.asarray(values)[keep]
 
 
+# An im2col conv whose product runs in parallel and whose gather is too small to (PARALLEL_MIN_WORK) gathers its
+# columns once per thread, each into its own copy, so that each thread's share of the product reads only lines
+# it wrote itself (kernels.conv._private_gather_gemm). Serial gather, parallel product made the second core
+# pull every column over from the first: on this VM, whose two vCPUs sit on different dies of the host for
+# minutes at a time (round trip 330 ns against 55), torchvision resnet18 global-98 at batch 1 took 0.73 ms
+# against 0.46 (paired, bench/RESULTS.md), and 0.356 against 0.321 with both on one die. Gathers big enough
+# to split keep the split: gathering twice as much cost CIFAR ResNet18 at batch 1 1-3.5% on one die.
+PRIVATE_GATHER = True
+
+
 def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, values, bias, relu, kernel_size, stride,
                        dilation, pads):
     """Gather the live taps' columns of the CNHW activation at off_in, then one CSR SpMM."""
@@ -745,10 +755,20 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     # columns spread over 16x or 4x the memory (torchvision resnet18 98% bs 1 plan, alternating A/B:
     # 0.34 ms padded, 0.30 ms tight; the gather alone timed the same either way).
     row_len = pixels if pixels < kernels.LANE_VECTOR else ops.packed_row_len(pixels)
-    cols = b.alloc(c * n_live * row_len)
-    b.emit(ex.IM2COL, c * n_live * pixels, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
     out = b.alloc(out_channels * n * out_h * out_w)
     idx_off, idx_u16 = b.indices(indices)
+    threads = numba.config.NUMBA_NUM_THREADS
+    gather_work = c * n_live * pixels
+    if (PRIVATE_GATHER and threads > 1 and not b.serial and len(values) * pixels >= ops.PARALLEL_MIN_WORK
+            and gather_work < ops.PARALLEL_MIN_WORK):
+        cols = b.alloc(threads * c * n_live * row_len)
+        b.emit(ex.GATHER_GEMM, len(values) * pixels, off_in, n * h * w, c, n_live, pixels, b.weights_u32(table),
+               row_len, cols, threads, out, out_channels, res_off, int(relu), b.weights_u32(indptr), idx_off,
+               len(values), b.weights_f32(values), b.weights_f32(bias), idx_u16)
+        b.free(cols)
+        return (out, "cnhw", (out_channels, n, out_h, out_w))
+    cols = b.alloc(c * n_live * row_len)
+    b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
     b.emit(ex.CONV_GEMM, len(values) * pixels, cols, c * n_live, pixels, out, out_channels, res_off, int(relu),
            b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
     b.free(cols)

@@ -658,6 +658,56 @@ def test_spmm_dispatch_single_column_matches_dense(parallel, has_residual, relu,
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("hw,stride,kernel", [((1, 1), 1, 3), ((2, 2), 1, 3), ((4, 4), 1, 3), ((7, 5), 2, 3),
+                                              ((6, 6), 1, 1)])
+@pytest.mark.parametrize("has_residual,relu", [(False, False), (True, True)])
+def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residual, relu, gen):
+    """im2col and its SpMM in one parallel region, each part gathering into its own copy of the columns (more
+    parts than threads run in turn): every output channel equals the dense product of the weights and the
+    gathered columns, and each part that ran holds the whole column matrix."""
+    from sparsert.kernels import conv as conv_kernels
+    h, w = hw
+    pad = kernel // 2
+    out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    table = kernels.im2col_table(1, h, w, out_h, out_w, (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4)
+    taps, pixels = table.shape
+    n_chan, n_out = 6, 11
+    planes = torch.randn(n_chan, h * w, generator=gen).numpy()
+    dense_t = sparse_matrix((n_out, n_chan * taps), 0.3, gen)
+    dense_t[3] = 0.0  # an empty output channel: bias (and residual) only
+    csr = CSR.from_dense(dense_t)
+    bias = torch.randn(n_out, generator=gen).numpy()
+    residual = torch.randn(n_out, pixels, generator=gen).numpy()
+    cols = np.full((parts, n_chan * taps, pixels + 3), np.nan, np.float32)  # rows padded, as the plan pads them
+    out = np.full((n_out, pixels), np.nan, np.float32)
+    kernels.private_gather_gemm(planes, table, cols, _ix(csr.indptr), _ix(csr.indices), np.asarray(csr.data), bias,
+                                residual, has_residual, relu, out)
+    padded = np.concatenate([np.zeros((n_chan, 1), np.float32), planes], axis=1)  # table's PADDING -> 0
+    gathered = padded[:, np.where(table == kernels.PADDING, 0, table.astype(np.int64) + 1)].reshape(n_chan * taps, pixels)
+    expected = dense_t.numpy().astype(np.float64) @ gathered + bias[:, None]
+    if has_residual:
+        expected = expected + residual
+    if relu:
+        expected = np.maximum(expected, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    ran = min(parts, numba.get_num_threads())
+    for part in range(ran):
+        np.testing.assert_array_equal(cols[part, :, :pixels], gathered)
+    assert np.isnan(cols[ran:]).all()
+
+
+def test_split_row_cuts_rows_into_equal_nonzeros():
+    """Each part starts at the first row whose nonzeros reach its share; empty rows and one heavy row hold."""
+    from sparsert.kernels.conv import _split_row
+    indptr = np.array([0, 10, 10, 20, 30, 40], np.uint32)  # row 1 empty
+    assert [_split_row(indptr, part, 2) for part in range(3)] == [0, 3, 5]
+    assert [_split_row(indptr, part, 4) for part in range(5)] == [0, 1, 3, 4, 5]
+    heavy = np.array([0, 0, 100, 101], np.uint32)
+    assert [_split_row(heavy, part, 2) for part in range(3)] == [0, 2, 3]
+    assert [_split_row(np.zeros(4, np.uint32), part, 2) for part in range(3)] == [0, 0, 3]
+
+
 def test_cache_is_emptied_when_any_kernel_source_changes(tmp_path):
     """Kernels inline code from other kernel files, which Numba's per-file cache key misses: a stamp of
     all kernel sources guards the cache. A stale stamp (sources edited since) empties it."""

@@ -1,4 +1,5 @@
 """Both conv algorithms, epilogue fusion, and the whole-network plan, each against dense torch."""
+import numba
 import numpy as np
 import pytest
 import torch
@@ -439,6 +440,28 @@ def _grid_ops(plan):
     grid_out_convs = [row for row in plan.ops if row[0] == ex.CONV and row[2 + 22]]
     packs_from_grid = [row for row in plan.ops if row[0] == ex.PACK and row[2 + 13]]
     return codes.count(ex.GRID_CONV), len(grid_out_convs), len(packs_from_grid)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_small_gathers_before_a_parallel_product_run_once_per_thread(monkeypatch, private):
+    """plan.PRIVATE_GATHER: a 3x3 conv on a 4x4 map at batch 1 whose gather is below PARALLEL_MIN_WORK and whose
+    product is above it runs as one GATHER_GEMM op (each thread gathers its own copy of the columns) with more
+    than one thread, else as IM2COL + CONV_GEMM; both match torch over a NaN arena."""
+    from sparsert import plan as plan_module
+    from sparsert.kernels import executor as ex
+    force(monkeypatch, "im2col")
+    monkeypatch.setattr(plan_module, "PRIVATE_GATHER", private)
+    torch.manual_seed(0)
+    model = nn.Sequential(_masked(nn.Conv2d(128, 128, 3, padding=1), 0.1), nn.ReLU(),
+                          _masked(nn.Conv2d(128, 64, 3, padding=1), 0.1)).eval()
+    x = torch.randn(1, 128, 4, 4)
+    assert 128 * 9 * 16 < ops.PARALLEL_MIN_WORK <= 0.1 * 128 * 128 * 9 * 16 * 0.9
+    codes = sparsert.sparsify(model).plan_for(x).ops[:, 0].tolist()
+    if private and numba.config.NUMBA_NUM_THREADS > 1:
+        assert codes.count(ex.GATHER_GEMM) == 2 and ex.IM2COL not in codes
+    else:
+        assert codes.count(ex.IM2COL) == 2 and ex.GATHER_GEMM not in codes
+    torch.testing.assert_close(_run_on_nan_arena(sparsert.sparsify(model), x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_runs_small_stride1_maps_on_the_grid_where_eager_takes_im2col():
@@ -1084,7 +1107,7 @@ def test_taps_that_read_only_padding_are_dropped(batch):
     x = torch.randn(batch, 16, 1, 1)
     plan = sparse.plan_for(x)
     center_nnz = sum(int((m.weight[:, :, 1, 1] != 0).sum()) for m in model if isinstance(m, nn.Conv2d))
-    nnz_param = {ex.CONV_GEMM: 9, ex.LANE_CONV: 19}
+    nnz_param = {ex.CONV_GEMM: 9, ex.GATHER_GEMM: 15, ex.LANE_CONV: 19}
     stored = sum(row[2 + nnz_param[row[0]]] for row in plan.ops if row[0] in nnz_param)
     assert stored == center_nnz
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
