@@ -697,6 +697,23 @@ def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residu
     assert np.isnan(cols[ran:]).all()
 
 
+@pytest.mark.parametrize("variant", PAR_SEQ)
+@pytest.mark.parametrize("kernel,stride,pad,hw", [(3, 2, 1, (16, 16)), (3, 2, 1, (7, 10)), (2, 2, 0, (9, 8)),
+                                                  (3, 1, 1, (5, 5)), (1, 1, 0, (3, 4))])
+def test_plan_maxpool_matches_torch_with_nan_and_inf(variant, kernel, stride, pad, hw, gen):
+    """The plan's CNHW max pool (columns reduced first, then each output's window of them) against torch:
+    NaN anywhere in a window wins, -inf loses to everything but itself, padding never wins."""
+    from sparsert.kernels import executor as ex
+    x = torch.randn(3, 2, *hw, generator=gen)  # N, C, H, W for torch
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 1, :2, :] = float("-inf")
+    x[2, 0, -1, -1] = float("nan")
+    expected = torch.nn.functional.max_pool2d(x, kernel, stride, pad)
+    out = np.full((2, 3, *expected.shape[2:]), 7.0, np.float32)
+    getattr(ex, f"maxpool_{variant}")(np.ascontiguousarray(x.permute(1, 0, 2, 3).numpy()), kernel, stride, pad, out)
+    torch.testing.assert_close(torch.from_numpy(out).permute(1, 0, 2, 3), expected, equal_nan=True)
+
+
 def test_split_row_cuts_rows_into_equal_nonzeros():
     """Each part starts at the first row whose nonzeros reach its share; empty rows and one heavy row hold."""
     from sparsert.kernels.conv import _split_row
