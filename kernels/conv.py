@@ -221,7 +221,7 @@ def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, resid
 
     The gather is done twice, once per core, so that no core reads the columns another one wrote. With the
     gather serial and the product split, the second core pulled the whole column matrix over from the
-    first: ~0.1 us a cache line when the two cores sit on different dies of the host, which this VM's
+    first: ~0.3 us a cache line when the two cores sit on different dies of the host, which this VM's
     vCPUs do for minutes at a time (torchvision resnet18 global-98 at batch 1: 0.35 ms -> 0.70; round
     trip between the cores 55 -> 330 ns, bench/RESULTS.md).
 

@@ -88,6 +88,16 @@ maxpool_par, maxpool_seq = twin(_maxpool)
 global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
 
 
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _product_operands(arena, u32, f32, out_at, n_out, n_pix, residual_at, indptr_at, nnz, values_at, bias_at):
+    """The arrays of an im2col conv's CSR product (CONV_GEMM, GATHER_GEMM): out[n_out, n_pix] and its residual (out
+    itself when residual_at < 0) in the arena, the CSR's indptr, values and the bias in the weights."""
+    out = arena[out_at:out_at + n_out * n_pix].reshape((n_out, n_pix))
+    has_res = residual_at >= 0
+    res = arena[residual_at:residual_at + n_out * n_pix].reshape((n_out, n_pix)) if has_res else out
+    return out, res, has_res, u32[indptr_at:indptr_at + n_out + 1], f32[values_at:values_at + nnz], f32[bias_at:bias_at + n_out]
+
+
 @njit(**OPTIONS)
 def run_plan(ops, arena, f32, u32, u16, u8, x):
     """Execute `ops` in order. x: the network input (flattened); arena: activations and scratch;
@@ -266,11 +276,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, row_len,
             #    indices_u16 (1: indices live in u16)
             cols = arena[p[0]:p[0] + p[1] * p[12]].reshape((p[1], p[12]))
-            out = arena[p[3]:p[3] + p[4] * p[2]].reshape((p[4], p[2]))
-            has_res = p[5] >= 0
-            res = arena[p[5]:p[5] + p[4] * p[2]].reshape((p[4], p[2])) if has_res else out
-            indptr = u32[p[7]:p[7] + p[4] + 1]
-            values, bias = f32[p[10]:p[10] + p[9]], f32[p[11]:p[11] + p[4]]
+            out, res, has_res, indptr, values, bias = _product_operands(arena, u32, f32, p[3], p[4], p[2], p[5], p[7],
+                                                                        p[9], p[10], p[11])
             if p[13]:
                 csr_spmm_dispatch(indptr, u16[p[8]:p[8] + p[9]], values, cols, bias, res, has_res, p[6] != 0, out, par)
             else:
@@ -281,11 +288,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             planes = arena[p[0]:p[0] + p[2] * p[1]].reshape((p[2], p[1]))
             table = u32[p[5]:p[5] + p[3] * p[4]].reshape((p[3], p[4]))
             cols = arena[p[7]:p[7] + p[8] * p[2] * p[3] * p[6]].reshape((p[8], p[2] * p[3], p[6]))
-            out = arena[p[9]:p[9] + p[10] * p[4]].reshape((p[10], p[4]))
-            has_res = p[11] >= 0
-            res = arena[p[11]:p[11] + p[10] * p[4]].reshape((p[10], p[4])) if has_res else out
-            indptr = u32[p[13]:p[13] + p[10] + 1]
-            values, bias = f32[p[16]:p[16] + p[15]], f32[p[17]:p[17] + p[10]]
+            out, res, has_res, indptr, values, bias = _product_operands(arena, u32, f32, p[9], p[10], p[4], p[11], p[13],
+                                                                        p[15], p[16], p[17])
             if p[18]:
                 private_gather_gemm(planes, table, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res, has_res,
                                     p[12] != 0, out)

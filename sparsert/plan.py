@@ -729,8 +729,8 @@ def drop_dead_taps(indptr, indices, values, taps: int, live, compact: bool):
     return new_indptr, new_indices, np.asarray(values)[keep]
 
 
-# An im2col conv whose product runs in parallel and whose gather is too small to (PARALLEL_MIN_WORK) gathers its
-# columns once per thread, each into its own copy, so that each thread's share of the product reads only lines
+# An im2col conv whose product runs in parallel and whose gather is too small to split (below PARALLEL_MIN_WORK)
+# gathers its columns once per thread, each into its own copy, so that each thread's share of the product reads only lines
 # it wrote itself (kernels.conv._private_gather_gemm). Serial gather, parallel product made the second core
 # pull every column over from the first: on this VM, whose two vCPUs sit on different dies of the host for
 # minutes at a time (round trip 330 ns against 55), torchvision resnet18 global-98 at batch 1 took 0.73 ms

@@ -666,7 +666,6 @@ def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residu
     """im2col and its SpMM in one parallel region, each part gathering into its own copy of the columns (more
     parts than threads run in turn): every output channel equals the dense product of the weights and the
     gathered columns, and each part that ran holds the whole column matrix."""
-    from sparsert.kernels import conv as conv_kernels
     h, w = hw
     pad = kernel // 2
     out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
