@@ -276,11 +276,14 @@ class _Builder:
             return self.weights_u32(a), 0
         return self.weights_u16(a), 1
 
+    def runs_parallel(self, work: int) -> bool:
+        """Whether an op of this much work runs on the parallel twin of its kernel (emit's flag)."""
+        return work >= ops.PARALLEL_MIN_WORK and not self.serial
+
     def emit(self, code: int, work: int, *params: int):
         if len(params) > ex.N_PARAMS:
             raise AssertionError("op has more parameters than the table holds")
-        parallel = int(work >= ops.PARALLEL_MIN_WORK and not self.serial)
-        self.rows.append([code, parallel, *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
+        self.rows.append([code, int(self.runs_parallel(work)), *map(int, params)] + [0] * (ex.N_PARAMS - len(params)))
         self.layers.append(self.layer)
 
 
@@ -758,18 +761,17 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     out = b.alloc(out_channels * n * out_h * out_w)
     idx_off, idx_u16 = b.indices(indices)
     threads = numba.config.NUMBA_NUM_THREADS
-    gather_work = c * n_live * pixels
-    if (PRIVATE_GATHER and threads > 1 and not b.serial and len(values) * pixels >= ops.PARALLEL_MIN_WORK
-            and gather_work < ops.PARALLEL_MIN_WORK):
+    gather_work, product_work = c * n_live * pixels, len(values) * pixels
+    if PRIVATE_GATHER and threads > 1 and b.runs_parallel(product_work) and not b.runs_parallel(gather_work):
         cols = b.alloc(threads * c * n_live * row_len)
-        b.emit(ex.GATHER_GEMM, len(values) * pixels, off_in, n * h * w, c, n_live, pixels, b.weights_u32(table),
+        b.emit(ex.GATHER_GEMM, product_work, off_in, n * h * w, c, n_live, pixels, b.weights_u32(table),
                row_len, cols, threads, out, out_channels, res_off, int(relu), b.weights_u32(indptr), idx_off,
                len(values), b.weights_f32(values), b.weights_f32(bias), idx_u16)
         b.free(cols)
         return (out, "cnhw", (out_channels, n, out_h, out_w))
     cols = b.alloc(c * n_live * row_len)
     b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
-    b.emit(ex.CONV_GEMM, len(values) * pixels, cols, c * n_live, pixels, out, out_channels, res_off, int(relu),
+    b.emit(ex.CONV_GEMM, product_work, cols, c * n_live, pixels, out, out_channels, res_off, int(relu),
            b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
     b.free(cols)
     return (out, "cnhw", (out_channels, n, out_h, out_w))
