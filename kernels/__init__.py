@@ -6,7 +6,7 @@ import numba
 numba.get_num_threads()
 
 from .conv import (GRID_BORDER, PADDING, grid_conv_par, grid_conv_seq, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
-                   private_gather_gemm,
+                   private_gather_gemm_par, private_gather_gemm_seq,
                    sparse_conv_par, sparse_conv_seq, tap_offsets)
 from .layout import rows_to_features_par, rows_to_features_seq
 from .lanes import LANE_VECTOR, channel_blocks, lane_count, lane_offsets, to_lanes_par, to_lanes_seq
@@ -50,7 +50,7 @@ _drop_stale_cache()
 
 __all__ = [
     "GRID_BORDER", "PADDING", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq",
-    "private_gather_gemm",
+    "private_gather_gemm_par", "private_gather_gemm_seq",
     "sparse_conv_par", "sparse_conv_seq", "tap_offsets",
     "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_spmm_blocked_par", "csr_spmm_blocked_seq", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par",
     "csr_spmm_seq", "LANE_VECTOR", "channel_blocks", "lane_count", "lane_offsets", "to_lanes_par", "to_lanes_seq", "rows_to_features_par", "rows_to_features_seq", "sliced_matvec_par", "sliced_matvec_seq", "PAIR_CELL_SIZES", "STRIP_VECTORS", "VECTOR_BYTES", "WIDE_VECTORS", "row_strip", "AVX512",

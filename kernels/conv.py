@@ -226,7 +226,7 @@ def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, resid
     trip between the cores 55 -> 330 ns, bench/RESULTS.md).
 
     In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns`; cols[parts, C*taps, >= P] (scratch,
-    one copy per part); the CSR of the conv (rows = out channels, columns c*taps + t). Out: out[Cout, P] =
+    one copy per part; the serial twin runs the parts in turn, so the plan gives it one); the CSR of the conv (rows = out channels, columns c*taps + t). Out: out[Cout, P] =
     relu?(bias + W cols + residual); residual like out (read unless has_residual)."""
     n_parts = min(cols.shape[0], thread_count())
     n_pix = out.shape[1]
@@ -252,11 +252,11 @@ def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, resid
 
 pack_input_par, pack_input_seq = twin(_pack_input)
 gather_columns_par, gather_columns_seq = twin(_gather_columns)
-private_gather_gemm = njit(parallel=True, **OPTIONS)(_private_gather_gemm)
+private_gather_gemm_par, private_gather_gemm_seq = twin(_private_gather_gemm)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 grid_conv_par, grid_conv_seq = twin(_grid_conv)
 
-__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "private_gather_gemm", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "private_gather_gemm_par", "private_gather_gemm_seq", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

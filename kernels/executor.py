@@ -17,7 +17,7 @@ from numba.extending import intrinsic
 
 from ._jit import OPTIONS, relu_or_identity, thread_count, twin
 from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
-                   private_gather_gemm,
+                   private_gather_gemm_par, private_gather_gemm_seq,
                    sparse_conv_par, sparse_conv_seq)
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_maxpool_par,
                     lane_conv_maxpool_seq, lane_conv_par, lane_conv_seq,
@@ -86,6 +86,16 @@ def _global_avgpool(x, out):
 
 maxpool_par, maxpool_seq = twin(_maxpool)
 global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
+
+
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _gather_gemm(planes, table, cols, indptr, indices, values, bias, res, has_res, relu, out, par):
+    """GATHER_GEMM: one gather per thread beside its share of the product, or, run serially, one gather into
+    the first copy and the whole product."""
+    if par:
+        private_gather_gemm_par(planes, table, cols, indptr, indices, values, bias, res, has_res, relu, out)
+    else:
+        private_gather_gemm_seq(planes, table, cols[:1], indptr, indices, values, bias, res, has_res, relu, out)
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
@@ -291,11 +301,11 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             out, res, has_res, indptr, values, bias = _product_operands(arena, u32, f32, p[9], p[10], p[4], p[11], p[13],
                                                                         p[15], p[16], p[17])
             if p[18]:
-                private_gather_gemm(planes, table, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res, has_res,
-                                    p[12] != 0, out)
+                _gather_gemm(planes, table, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res, has_res,
+                             p[12] != 0, out, par)
             else:
-                private_gather_gemm(planes, table, cols, indptr, u32[p[14]:p[14] + p[15]], values, bias, res, has_res,
-                                    p[12] != 0, out)
+                _gather_gemm(planes, table, cols, indptr, u32[p[14]:p[14] + p[15]], values, bias, res, has_res,
+                             p[12] != 0, out, par)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc,
             #    indices_u16 (1: indices live in u16), column blocks (0: plain CSR; else indptr is

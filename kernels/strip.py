@@ -8,7 +8,9 @@ The strip is 1-4 (or 6-8, `wide_strip`) vectors of 64 bytes (16 float32 / 8 floa
 held in vector registers for the whole sum, so each nonzero costs one broadcast and one fused
 multiply-add per vector, straight from the input row. Strips of 1-2 vectors split the nonzeros over
 4 or 2 sets of accumulators, so that at least 4 FMA chains run at once (a single chain waits out
-each FMA's latency: the 4-pixel GEMMs of a 90% resnet18's layer 3 at batch 1, 0.050 -> 0.033 ms). Numba's own loops kept the accumulator in memory (load, FMA, store per
+each FMA's latency: the 4-pixel GEMMs of a 90% resnet18's layer 3 at batch 1, 0.050 -> 0.033 ms). A strip of
+exactly 4 outputs (a 2x2 map) packs four nonzeros into each vector instead (`quad_strip`: that same product,
+one core, 38.6 -> 18.2 us). Numba's own loops kept the accumulator in memory (load, FMA, store per
 nonzero); this runs 1.6x faster on the same SpMM (bench/RESULTS.md) and ~30 GMAC/s per core on
 L1-resident data.
 
@@ -50,6 +52,66 @@ def _check_types(x, indices, values, out, res, mask):
         raise TypingError(f"sparse_row_strip: indices must be unsigned, got {indices.dtype}")
     if not (x.dtype == values.dtype == out.dtype == res.dtype == mask.dtype) or not isinstance(x.dtype, types.Float):
         raise TypingError("sparse_row_strip: x, values, out, res and mask must share one float dtype")
+
+
+def _merge(builder, values_a, block_a, values_b, block_b):
+    """Per value, a phi: values_a arriving from block_a, values_b from block_b."""
+    phis = []
+    for a, b in zip(values_a, values_b):
+        phi = builder.phi(a.type)
+        phi.add_incoming(a, block_a)
+        phi.add_incoming(b, block_b)
+        phis.append(phi)
+    return phis
+
+
+def _counted_loop(builder, k_from, k_to, step: int, inits, body):
+    """Emit `for k in range(k_from, k_to, step)` carrying the values inits through body(k, values) -> values
+    ((k_to - k_from) a multiple of step); returns the values after it (inits if it never ran)."""
+    entry = builder.block
+    loop = builder.append_basic_block("strip.loop")
+    exit_ = builder.append_basic_block("strip.exit")
+    builder.cbranch(builder.icmp_signed("<", k_from, k_to), loop, exit_)
+    builder.position_at_end(loop)
+    k = builder.phi(k_from.type)
+    k.add_incoming(k_from, entry)
+    phis = [builder.phi(v.type) for v in inits]
+    for phi, value in zip(phis, inits):
+        phi.add_incoming(value, entry)
+    stepped = body(k, phis)
+    k_next = builder.add(k, ir.Constant(k_from.type, step))
+    end = builder.block
+    k.add_incoming(k_next, end)
+    for phi, value in zip(phis, stepped):
+        phi.add_incoming(value, end)
+    builder.cbranch(builder.icmp_signed("<", k_next, k_to), loop, exit_)
+    builder.position_at_end(exit_)
+    return _merge(builder, inits, entry, stepped, end)
+
+
+def _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, mask_ptr, m_v, has_mask_v):
+    """The strip's sums with the residual added, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch) and the
+    mask applied, in registers; lane_vectors(ptr, start) loads vectors shaped like results."""
+    zero = ir.Constant(results[0].type, None)
+
+    def when(flag, values, transform, name):
+        """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""
+        before = builder.block
+        taken = builder.append_basic_block(f"strip.{name}")
+        joined = builder.append_basic_block(f"strip.{name}.done")
+        builder.cbranch(flag, taken, joined)
+        builder.position_at_end(taken)
+        changed = transform(values)
+        after = builder.block
+        builder.branch(joined)
+        builder.position_at_end(joined)
+        return _merge(builder, values, before, changed, after)
+
+    values = when(has_res_v, results,
+                  lambda vs: [builder.fadd(a, b) for a, b in zip(vs, lane_vectors(res_ptr, r_v))], "residual")
+    values = [builder.select(relu_v, builder.select(builder.fcmp_ordered("<", v, zero), zero, v), v) for v in values]
+    return when(has_mask_v, values, lambda vs: [builder.select(builder.fcmp_unordered("!=", k, zero), v, zero)
+                                                for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
 
 
 def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False):
@@ -125,40 +187,13 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
             return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
                     for v, acc in enumerate(accs)]
 
-        def merge(values_a, block_a, values_b, block_b):
-            """Per vector, a phi: values_a arriving from block_a, values_b from block_b."""
-            phis = []
-            for a, b in zip(values_a, values_b):
-                phi = builder.phi(vec)
-                phi.add_incoming(a, block_a)
-                phi.add_incoming(b, block_b)
-                phis.append(phi)
-            return phis
-
         def accumulate(k_from, k_to, inits):
             """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
             ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
-            entry = builder.block
-            body = builder.append_basic_block("strip.loop")
-            exit_ = builder.append_basic_block("strip.exit")
-            builder.cbranch(builder.icmp_signed("<", k_from, k_to), body, exit_)
-            builder.position_at_end(body)
-            k = builder.phi(i64)
-            k.add_incoming(k_from, entry)
-            sets = [[builder.phi(vec) for _ in init] for init in inits]
-            for phis, init in zip(sets, inits):
-                for phi, value in zip(phis, init):
-                    phi.add_incoming(value, entry)
-            stepped = [fma_step(builder.add(k, ir.Constant(i64, s)), phis) for s, phis in enumerate(sets)]
-            k_next = builder.add(k, ir.Constant(i64, len(inits)))
-            end = builder.block
-            k.add_incoming(k_next, end)
-            for phis, values in zip(sets, stepped):
-                for phi, value in zip(phis, values):
-                    phi.add_incoming(value, end)
-            builder.cbranch(builder.icmp_signed("<", k_next, k_to), body, exit_)
-            builder.position_at_end(exit_)
-            return [merge(init, entry, values, end) for init, values in zip(inits, stepped)]
+            flat = _counted_loop(builder, k_from, k_to, len(inits), [v for init in inits for v in init],
+                                 lambda k, phis: [v for s in range(len(inits)) for v in fma_step(
+                                     builder.add(k, ir.Constant(i64, s)), phis[s * n_vec:(s + 1) * n_vec])])
+            return [flat[s * n_vec:(s + 1) * n_vec] for s in range(len(inits))]
 
         # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
         # remaining < n_sets nonzeros one by one.
@@ -170,31 +205,11 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
         for other in sets[1:]:
             total = [builder.fadd(a, b) for a, b in zip(total, other)]
         results = accumulate(k_main, k1_v, [total])[0]
-        # Epilogue in registers: residual add, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch), mask.
-        def when(flag, values, transform, name):
-            """values, or transform(values) where flag is set: a branch, so unused arrays are never read."""
-            before = builder.block
-            taken = builder.append_basic_block(f"strip.{name}")
-            joined = builder.append_basic_block(f"strip.{name}.done")
-            builder.cbranch(flag, taken, joined)
-            builder.position_at_end(taken)
-            changed = transform(values)
-            after = builder.block
-            builder.branch(joined)
-            builder.position_at_end(joined)
-            return merge(values, before, changed, after)
-
         def lane_vectors(ptr, start):
             row = builder.gep(ptr, [start])
             return [load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero) for v in range(n_vec)]
 
-        values = when(has_res_v, results,
-                      lambda vs: [builder.fadd(a, b) for a, b in zip(vs, lane_vectors(res_ptr, r_v))], "residual")
-        values = [builder.select(relu_v, builder.select(builder.fcmp_ordered("<", v, zero), zero, v), v)
-                  for v in values]
-        values = when(has_mask_v, values,
-                      lambda vs: [builder.select(builder.fcmp_unordered("!=", k, zero), v, zero)
-                                  for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
+        values = _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, mask_ptr, m_v, has_mask_v)
         out_row = builder.gep(out_ptr, [o_v])
         for v, value in enumerate(values):
             store(value, builder.gep(out_row, [ir.Constant(i64, n_lanes * v)]), v)
@@ -245,12 +260,105 @@ strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True, whole=True) fo
 PAIR_CELL_SIZES = (16, 32, 64)  # floats a cell may hold for `cell_pair_strip`
 
 
+# Pixels a quad strip covers: the 4 outputs of a 2x2 map (torchvision resnet18's layer 3 at 32x32, batch 1).
+QUAD = 4
+
+
+def _make_quad_strip():
+    """The strip for exactly QUAD outputs, four nonzeros to a vector: each lane group of 4 holds one nonzero's
+    4 input values times its weight, so one FMA does 16 multiply-adds where the 1-vector strip's masked
+    FMA did 4. The groups are summed once at the end of the row."""
+
+    def codegen(context, builder, signature, args):
+        (x_v, x0_v, stride_v, idx_v, val_v, k0_v, k1_v, init_v, out_v, o_v, n_v, res_v, r_v, has_res_v,
+         relu_v, mask_v, m_v, has_mask_v) = args
+        aty = signature.args
+        elem = context.get_value_type(aty[0].dtype)
+        width = 4 * QUAD
+        vec, wide = ir.VectorType(elem, QUAD), ir.VectorType(elem, width)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        kind = "f32" if aty[0].dtype.bitwidth == 32 else "f64"
+        fma = declare_function(builder.module, f"llvm.fma.v{QUAD}{kind}", vec, [vec, vec, vec])
+        fma_wide = declare_function(builder.module, f"llvm.fma.v{width}{kind}", wide, [wide, wide, wide])
+        align = aty[0].dtype.bitwidth // 8
+
+        def data(i):
+            return context.make_array(aty[i])(context, builder, args[i]).data
+
+        x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr, mask_ptr = data(0), data(3), data(4), data(8), data(11), data(15)
+
+        def load(ptr, start, ty):
+            return builder.load(builder.bitcast(builder.gep(ptr, [start]), ty.as_pointer()), align=align)
+
+        def shuffle(a, b, lanes_):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, len(lanes_)), lanes_))
+
+        def x_at(kk):  # the QUAD input values nonzero kk multiplies
+            index = builder.load(builder.gep(idx_ptr, [kk]))
+            index = builder.zext(index, i64) if aty[3].dtype.bitwidth < 64 else index
+            return load(x_ptr, builder.add(x0_v, builder.mul(index, stride_v)), vec)
+
+        def quad_step(kk, acc):  # nonzeros kk .. kk + 3 into one wide accumulator
+            xs = [x_at(builder.add(kk, ir.Constant(i64, s))) for s in range(4)]
+            x_all = shuffle(shuffle(xs[0], xs[1], list(range(2 * QUAD))), shuffle(xs[2], xs[3], list(range(2 * QUAD))),
+                            list(range(width)))
+            w = load(val_ptr, kk, vec)
+            w_all = shuffle(w, ir.Constant(vec, ir.Undefined), [s for s in range(4) for _ in range(QUAD)])
+            return builder.call(fma_wide, [w_all, x_all, acc])
+
+        def single_step(kk, acc):
+            w = builder.load(builder.gep(val_ptr, [kk]))
+            w_all = shuffle(builder.insert_element(ir.Constant(vec, ir.Undefined), w, ir.Constant(i32, 0)),
+                            ir.Constant(vec, ir.Undefined), [0] * QUAD)
+            return builder.call(fma, [w_all, x_at(kk), acc])
+
+        def round_down(multiple):
+            count = builder.sub(k1_v, k0_v)
+            return builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, multiple)),
+                                                 ir.Constant(i64, multiple)))
+
+        zero_wide = ir.Constant(wide, None)
+        # Two wide accumulators, 8 nonzeros a trip (FMA latency), then one more group of 4, then one by one.
+        k_pairs, k_quads = round_down(8), round_down(4)
+        acc_a, acc_b = _counted_loop(builder, k0_v, k_pairs, 8, [zero_wide, zero_wide], lambda k, accs: [
+            quad_step(k, accs[0]), quad_step(builder.add(k, ir.Constant(i64, 4)), accs[1])])
+        acc, = _counted_loop(builder, k_pairs, k_quads, 4, [builder.fadd(acc_a, acc_b)],
+                             lambda k, accs: [quad_step(k, accs[0])])
+        half = builder.fadd(shuffle(acc, acc, list(range(2 * QUAD))), shuffle(acc, acc, list(range(2 * QUAD, width))))
+        total = builder.fadd(shuffle(half, half, list(range(QUAD))), shuffle(half, half, list(range(QUAD, 2 * QUAD))))
+        init = shuffle(builder.insert_element(ir.Constant(vec, ir.Undefined), init_v, ir.Constant(i32, 0)),
+                       ir.Constant(vec, ir.Undefined), [0] * QUAD)
+        result, = _counted_loop(builder, k_quads, k1_v, 1, [builder.fadd(total, init)],
+                                lambda k, accs: [single_step(k, accs[0])])
+        value, = _epilogue(builder, [result], lambda ptr, start: [load(ptr, start, vec)], res_ptr, r_v, has_res_v,
+                           relu_v, mask_ptr, m_v, has_mask_v)
+        builder.store(value, builder.bitcast(builder.gep(out_ptr, [o_v]), vec.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def quad_strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                   mask, m, has_mask):
+        """The strip's contract for n_valid == QUAD (n_valid is not read)."""
+        _check_types(x, indices, values, out, res, mask)
+        return types.void(x, types.intp, types.intp, indices, values, types.intp, types.intp, x.dtype, out,
+                          types.intp, types.intp, res, types.intp, types.boolean, types.boolean, mask, types.intp,
+                          types.boolean), codegen
+
+    return quad_strip
+
+
+quad_strip = _make_quad_strip()
+
+
 @njit(inline="always", nogil=True)
 def row_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
               has_mask):
-    """The strip kernel with as many vectors as n_valid needs (the last one masked)."""
+    """The strip kernel with as many vectors as n_valid needs (the last one masked); the quad strip for 4."""
     n_lanes = VECTOR_BYTES // x.itemsize
-    if n_valid <= n_lanes:
+    if n_valid == QUAD:
+        quad_strip(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
+                   has_mask)
+    elif n_valid <= n_lanes:
         strip1(x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu, mask, m,
                has_mask)
     elif n_valid <= 2 * n_lanes:

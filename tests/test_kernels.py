@@ -662,10 +662,11 @@ def test_spmm_dispatch_single_column_matches_dense(parallel, has_residual, relu,
 @pytest.mark.parametrize("hw,stride,kernel", [((1, 1), 1, 3), ((2, 2), 1, 3), ((4, 4), 1, 3), ((7, 5), 2, 3),
                                               ((6, 6), 1, 1)])
 @pytest.mark.parametrize("has_residual,relu", [(False, False), (True, True)])
-def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residual, relu, gen):
+@pytest.mark.parametrize("twin", ["par", "seq"])
+def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residual, relu, twin, gen):
     """im2col and its SpMM in one parallel region, each part gathering into its own copy of the columns (more
-    parts than threads run in turn): every output channel equals the dense product of the weights and the
-    gathered columns, and each part that ran holds the whole column matrix."""
+    parts than threads run in turn, as all do in the serial twin): every output channel equals the dense
+    product of the weights and the gathered columns, and each part that ran holds the whole column matrix."""
     h, w = hw
     pad = kernel // 2
     out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
@@ -680,8 +681,9 @@ def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residu
     residual = torch.randn(n_out, pixels, generator=gen).numpy()
     cols = np.full((parts, n_chan * taps, pixels + 3), np.nan, np.float32)  # rows padded, as the plan pads them
     out = np.full((n_out, pixels), np.nan, np.float32)
-    kernels.private_gather_gemm(planes, table, cols, _ix(csr.indptr), _ix(csr.indices), np.asarray(csr.data), bias,
-                                residual, has_residual, relu, out)
+    run = kernels.private_gather_gemm_par if twin == "par" else kernels.private_gather_gemm_seq
+    run(planes, table, cols, _ix(csr.indptr), _ix(csr.indices), np.asarray(csr.data), bias, residual, has_residual,
+        relu, out)
     padded = np.concatenate([np.zeros((n_chan, 1), np.float32), planes], axis=1)  # table's PADDING -> 0
     gathered = padded[:, np.where(table == kernels.PADDING, 0, table.astype(np.int64) + 1)].reshape(n_chan * taps, pixels)
     expected = dense_t.numpy().astype(np.float64) @ gathered + bias[:, None]

@@ -39,7 +39,7 @@ def _reference(x, x0, stride, indices, values, k0, k1, init, n_valid, res, r, ha
 def _widths(dtype):
     lanes = kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
     top = kernels.STRIP_VECTORS * lanes
-    return sorted({1, 2, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, top - 1, top})
+    return sorted({1, 2, kernels.strip.QUAD, lanes - 1, lanes, lanes + 1, 2 * lanes + 3, top - 1, top})
 
 
 def _wide_widths(dtype):
@@ -130,17 +130,29 @@ def test_plan_arena_starts_on_a_cache_line(size):
     assert a.shape == (size,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
 
 
-@pytest.mark.parametrize("n_valid", [1, 5, 16, 17, 32])
+@pytest.mark.parametrize("n_valid", [1, 4, 5, 16, 17, 32])
 def test_split_accumulators_sum_every_nonzero_count(n_valid, gen):
-    """Strips of 1-2 vectors split the nonzeros over 4 or 2 accumulator sets (FMA latency): every count,
-    fewer than the sets included, must sum all of them exactly once."""
+    """Strips of 1-2 vectors split the nonzeros over 4 or 2 accumulator sets (FMA latency), and the quad strip
+    (4 outputs) takes 8, then 4, then 1 at a time: every count, fewer than the sets included, must sum all of
+    them exactly once."""
     rng = np.random.default_rng(int(gen.initial_seed()))
     x = rng.standard_normal(3000).astype(np.float32)
-    indices = rng.integers(0, 40, 12).astype(np.uint32)
-    values = rng.standard_normal(12).astype(np.float32)
-    for count in range(10):
+    indices = rng.integers(0, 40, 22).astype(np.uint32)
+    values = rng.standard_normal(22).astype(np.float32)
+    for count in range(20):
         out = np.full(100, 7.0, np.float32)
         _strip(x, 2, 64, indices, values, 1, 1 + count, -0.5, out, 3, n_valid, out, 0, False, False)
         expected = _reference(x, 2, 64, indices, values, 1, 1 + count, -0.5, n_valid, out, 0, False, False)
         np.testing.assert_allclose(out[3:3 + n_valid], expected, rtol=1e-5, atol=1e-5)
         assert (out[:3] == 7.0).all() and (out[3 + n_valid:] == 7.0).all()
+
+
+def test_row_strip_runs_the_quad_strip_for_four_outputs():
+    """Four outputs (a 2x2 map's pixels) take the quad strip, four nonzeros to a vector: its 4-lane FMA for the
+    last nonzeros is in the compiled code, which the 16-lane strips never emit."""
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(16, np.float32)
+    _strip(x, 0, 4, np.arange(9, dtype=np.uint32), np.ones(9, np.float32), 0, 9, 0.0, out, 0, 4, out, 0, False, False)
+    np.testing.assert_array_equal(out[:4], x[:36].reshape(9, 4).sum(axis=0))
+    ir_text = "".join(_strip.inspect_llvm().values())
+    assert "llvm.fma.v4f32" in ir_text and "llvm.fma.v16f32" in ir_text
