@@ -109,7 +109,7 @@ def run_case(worker, model, spec, name: str, pruning: str, onnx_file: str, bs: i
     close, ds_err, _ = bench.compare(torch.from_numpy(np.load(y_path)), expected, DS_TOLERANCE)
     if not close:
         raise RuntimeError(f"{what}: DeepSparse output differs from torch (max abs error {ds_err:.3g})")
-    ds_turns, sp_turns = [], []
+    ds_turns, sp_turns, serial_shares = [], [], []
     with torch.no_grad():
         for r in range(args.rounds):
             order = ("ds", "sp") if r % 2 else ("sp", "ds")
@@ -118,13 +118,16 @@ def run_case(worker, model, spec, name: str, pruning: str, onnx_file: str, bs: i
                 if engine == "ds":
                     ds_turns.append(worker.time(what, **turn))
                 else:
+                    before = bench.split_calls(sparse, x)
                     sp_turns.append(measure(lambda: sparse(x), batch_size=bs, repeats=args.repeats,
                                             min_time=args.seconds, warmup=args.warmup))
+                    serial_shares.append(bench.serial_share(before, bench.split_calls(sparse, x)))
     paired = [d["median"] / s["median"] for d, s in zip(ds_turns, sp_turns)]
     choice = getattr(sparse, "sparsert_choice", {}).get("choice")
     return dict(model=name, pruning=pruning, batch_size=bs, num_cores=args.threads, auto_choice=choice,
                 deepsparse_compile_seconds=first.get("compile_seconds"), deepsparse_max_abs_error=ds_err,
                 deepsparse_medians=[d["median"] for d in ds_turns], sparsert_medians=[s["median"] for s in sp_turns],
+                sparsert_serial_shares=serial_shares,
                 paired_ratios=paired, median_paired_ratio=float(np.median(paired)),
                 best_deepsparse=min(d["median"] for d in ds_turns), best_sparsert=min(s["median"] for s in sp_turns))
 

@@ -9,7 +9,8 @@ forwards on random data (so folding is not the identity), and the masks are bake
   sparsert     sparsert.sparsify(model, example_inputs=x) at each batch size: every layer timed dense
                vs sparse on its real input and kept dense unless sparse wins (the `auto` policy);
                the plain sparsify(model) conversion is timed apart (convert_seconds), the per-layer
-               measurement too (measure_seconds); output checked against torch before any timing
+               measurement too (measure_seconds); output checked against torch before any timing;
+               serial_share: the fraction of timed calls its plan ran on one thread (sparsert.choice)
 
 Timing: one first call (Numba compile or cache load, allocator warm-up) timed on its own, `--warmup`
 untimed calls, then calls until both `--repeats` calls and `--min-time` seconds are done. Engines of
@@ -401,7 +402,9 @@ def _run_case(model, spec, case, s, ort, onnx_path, export_s, vers, notes) -> tu
                 close, rec["max_abs_error"], rec["output_scale"] = compare(y, expected, RTOL)
                 if close:
                     rec["check"] = "ok"
+                    before = split_calls(sparse_model, x)
                     rec["benchmark_result"] = measure(lambda: sparse_model(x), batch_size=bs, **timing)
+                    rec["serial_share"] = serial_share(before, split_calls(sparse_model, x))
                 else:
                     ok = False
                     rec["check"] = "mismatch"
@@ -412,6 +415,20 @@ def _run_case(model, spec, case, s, ort, onnx_path, export_s, vers, notes) -> tu
             _add_speedups(group)
             records.extend(group)
     return records, ok
+
+
+def split_calls(model, x) -> list | None:
+    """[split, serial]: the calls so far of the plan a call with x runs that ran its ops split between threads and
+    all on one (sparsert.choice); None where that plan has no such choice (or there is no plan)."""
+    plan = model.plan_for(x) if hasattr(model, "plan_for") else None
+    return list(plan.choice.calls) if plan is not None and plan.choice is not None else None
+
+
+def serial_share(before, after) -> float | None:
+    """The fraction of the calls between two `split_calls` that ran on one thread."""
+    if before is None or after is None or sum(after) == sum(before):
+        return None
+    return (after[1] - before[1]) / (sum(after) - sum(before))
 
 
 def _run_ort(ort, onnx_path, x, expected, threads, bs, timing, base, vers, export_s) -> dict:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import math
 import threading
+import time
 from dataclasses import dataclass
 
 import numba
@@ -21,6 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import bands, kernels, ops
+from .choice import SERIAL, SplitChoice
 from .fuse import _ADD_FUNCTIONS, _RELU_FUNCTIONS
 from .kernels import executor as ex
 from .formats import CSR, column_blocks, sliced_ell
@@ -64,6 +66,13 @@ class Plan:
         self._arena = None
         self._lock = threading.Lock()
         self._output_size = math.prod(self.output[2])  # np.prod here cost ~6 us a call
+        # A plan that splits ops between threads also keeps them all on one, and each call runs the table that
+        # recent calls measured faster (sparsert.choice; SPLIT_CHOICE). Same arena, same weights, same sums.
+        self.choice = None
+        if SPLIT_CHOICE and self.parts == 1 and self.ops[:, 1].any():
+            self.serial_ops = self.ops.copy()
+            self.serial_ops[:, 1] = 0
+            self.choice = SplitChoice()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x_flat = x.detach().contiguous().numpy().reshape(-1)
@@ -71,10 +80,18 @@ class Plan:
             try:
                 if self._arena is None:
                     self._arena = aligned_empty(self.arena_size)
-                return self._run(self._arena, x_flat)
+                if self.choice is None:
+                    return self._run(self._arena, x_flat, self.ops)
+                start = time.perf_counter()
+                table = self.choice.next(start)
+                self.run_ops(self.serial_ops if table == SERIAL else self.ops, self._arena, x_flat)
+                end = time.perf_counter()
+                self.choice.record(table, end - start, end)
+                return self._output(self._arena)
             finally:
                 self._lock.release()
-        return self._run(aligned_empty(self.arena_size), x_flat)
+        chosen = self.serial_ops if self.choice is not None and self.choice.chosen == SERIAL else self.ops
+        return self._run(aligned_empty(self.arena_size), x_flat, chosen)
 
     def run_ops(self, rows, arena, x_flat) -> None:
         """Run the op rows `rows` (the whole table, or a slice of it: bench/profile_plan.py) on arena: once, or
@@ -92,9 +109,13 @@ class Plan:
             self._arena = aligned_empty(self.arena_size)
         self.run_ops(rows, self._arena, x_flat)
 
-    def _run(self, arena, x_flat) -> torch.Tensor:
+    def _run(self, arena, x_flat, rows) -> torch.Tensor:
+        self.run_ops(rows, arena, x_flat)
+        return self._output(arena)
+
+    def _output(self, arena) -> torch.Tensor:
+        """The result a run of the ops left in arena, as a tensor of its own."""
         offset, layout, shape = self.output
-        self.run_ops(self.ops, arena, x_flat)
         if self.parts == 1:
             out = arena[offset:offset + self._output_size].reshape(shape).copy()
         else:
@@ -291,6 +312,11 @@ class _Builder:
 _RELU_PARAM = {ex.LANE_CONV: 7, ex.CONV_GEMM: 6, ex.LINEAR_CSR: 5, ex.LINEAR_SLICED: 4, ex.CONV: 9, ex.GRID_CONV: 6}
 _OUTPUT_PARAM = {ex.LANE_CONV: 3, ex.CONV_GEMM: 3, ex.LINEAR_CSR: 1, ex.LINEAR_SLICED: 1, ex.CONV: 3, ex.GRID_CONV: 3}
 
+
+# Whether a plan whose ops split their work between threads also keeps a table with every op on one thread, and
+# runs whichever recent calls measured faster (sparsert.choice: the host may put this VM's two cores on two
+# dies, where a split op's reads of the other core's output cost 6x more). False: always the split table.
+SPLIT_CHOICE = True
 
 # A batch of at least this many images per thread is split between the threads: each runs the whole
 # network serially on its share, in its own part of the arena, so every activation a core reads is one

@@ -36,6 +36,8 @@ def test_tiny_run_writes_json_png_and_onnx(tmp_path):
         assert RESULT_FIELDS <= r["benchmark_result"].keys()
         assert r["check"] in ("reference", "ok")
         assert 0.0 < r["sparsity"] < 1.0
+        if r["engine"] == "sparsert":  # the fraction of timed calls on one thread, where the plan has that choice
+            assert r["serial_share"] is None or 0.0 <= r["serial_share"] <= 1.0
     engines = {r["engine"] for r in records}
     assert engines == ({"torch", "sparsert", "onnxruntime"} if HAS_ORT else {"torch", "sparsert"})
     if not HAS_ORT:
@@ -207,3 +209,9 @@ def test_ab_plan_refuses_a_setting_that_is_not_a_plan_constant(capsys):
     # sparsert.ops's constants that planning reads are named ops.NAME, and keep their type
     assert ab_plan.parse_setting("ops.IM2COL_GATHER_COST=4") == ("ops.IM2COL_GATHER_COST", 4.0)
     assert ab_plan.parse_setting("LANE_MAX_REGIONS=4") == ("LANE_MAX_REGIONS", 4)
+
+
+def test_serial_share_counts_only_the_calls_between_two_readings():
+    assert bench.serial_share([10, 2], [40, 12]) == 10 / 40
+    assert bench.serial_share([10, 2], [10, 2]) is None  # no call in between
+    assert bench.serial_share(None, [1, 1]) is None and bench.serial_share([1, 1], None) is None

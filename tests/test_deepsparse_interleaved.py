@@ -66,6 +66,8 @@ def test_interleaved_turns_pair_each_round(tmp_path):
     assert [r["batch_size"] for r in doc["results"]] == [1, 3]
     for r in doc["results"]:
         assert len(r["deepsparse_medians"]) == len(r["sparsert_medians"]) == len(r["paired_ratios"]) == 3
+        assert len(r["sparsert_serial_shares"]) == 3
+        assert all(share is None or 0.0 <= share <= 1.0 for share in r["sparsert_serial_shares"])
         assert r["paired_ratios"] == [d / s for d, s in zip(r["deepsparse_medians"], r["sparsert_medians"])]
         assert r["best_sparsert"] == min(r["sparsert_medians"]) and r["deepsparse_max_abs_error"] < 1e-4
 
