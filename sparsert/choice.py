@@ -22,6 +22,7 @@ MAX_PROBE_SECONDS = 0.2  # ... doubled after each try that loses by LOSS_MARGIN,
 SWITCH_MARGIN = 0.95    # the other table takes over when its median is this much of the chosen one's
 LOSS_MARGIN = 1.25      # a try this much slower backs off
 DRIFT = 1.2             # the chosen table's median this much above its last comparison's: try the other now
+MIN_CALLS_BETWEEN = 32  # and never sooner than this many of the chosen table's calls (long calls: a batch of 64)
 
 
 class SplitChoice:
@@ -65,7 +66,7 @@ class SplitChoice:
             self._reference = mine
             self.probe_seconds = min(2 * self.probe_seconds, MAX_PROBE_SECONDS) if theirs > LOSS_MARGIN * mine \
                 else PROBE_SECONDS
-        self._next_probe = now + self.probe_seconds
+        self._next_probe = now + max(self.probe_seconds, MIN_CALLS_BETWEEN * _median(self.times[self.chosen]))
 
     @property
     def serial_share(self) -> float:

@@ -105,3 +105,10 @@ def test_no_second_table_when_switched_off_or_when_nothing_runs_in_parallel(resn
                   u32=np.zeros(1, np.uint32), u16=np.zeros(1, np.uint16), u8=np.zeros(1, np.uint8), arena_size=16,
                   output=(0, "features", (1, 1)), input_shape=(1, 1))
     assert p.choice is None
+
+
+def test_long_calls_try_the_other_table_at_most_every_few_dozen_calls():
+    """A batch of 64 takes ~10 ms a call: a try every 20 ms of a table twice as slow would cost a third."""
+    chooser = SplitChoice()
+    ran, _ = play(chooser, lambda t, now: 10e-3 if t == SPLIT else 20e-3, 2000)
+    assert chooser.chosen == SPLIT and ran[100:].count(SERIAL) <= len(ran[100:]) / choice.MIN_CALLS_BETWEEN + 1
