@@ -464,6 +464,32 @@ def test_small_gathers_before_a_parallel_product_run_once_per_thread(monkeypatch
     torch.testing.assert_close(_run_on_nan_arena(sparsert.sparsify(model), x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("hw,kernel,padding,gathers", [(1, 3, 1, 0), (2, 1, 0, 0), (2, 3, 1, 1), (1, 1, 0, 0)])
+def test_a_conv_whose_pixels_read_themselves_takes_its_columns_from_the_input(monkeypatch, hw, kernel, padding,
+                                                                              gathers):
+    """A 3x3 conv on a 1x1 map (only its centre tap reads the input) or a 1x1 conv on a small map needs no
+    gather: its product reads the input as it lies (torchvision resnet18's layer 4 at batch 1). A 2x2 map's 3x3
+    conv still gathers. All match torch over a NaN arena, the residual and ReLU included."""
+    from sparsert.kernels import executor as ex
+    force(monkeypatch, "im2col")
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = _masked(nn.Conv2d(96, 96, kernel, padding=padding), 0.3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + x)
+
+    model = Block().eval()
+    x = torch.randn(1, 96, hw, hw)
+    codes = sparsert.sparsify(model).plan_for(x).ops[:, 0].tolist()
+    assert codes.count(ex.IM2COL) + codes.count(ex.GATHER_GEMM) == gathers
+    assert codes.count(ex.CONV_GEMM) + codes.count(ex.GATHER_GEMM) == 1
+    torch.testing.assert_close(_run_on_nan_arena(sparsert.sparsify(model), x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_plan_runs_small_stride1_maps_on_the_grid_where_eager_takes_im2col():
     """plan.GRID_GATHER_COST: a 10%-dense 64-channel 3x3 conv on an 8x8 map at batch 1 (torchvision resnet18's
     layer1 on 32x32 input) runs grid to grid in a plan, where the eager op's cost model picks im2col (the grid
