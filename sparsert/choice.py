@@ -14,15 +14,16 @@ from __future__ import annotations
 from collections import deque
 
 SPLIT, SERIAL = 0, 1
-SETTLE = 3              # calls each table gets before any comparison (the first ones fault pages in)
+SETTLE = 3              # calls a table gets before any comparison (the first ones fault pages in)
 WINDOW = 8              # recent calls of each table a comparison takes the median of
 PROBE_SECONDS = 0.02    # time between two tries of the other table ...
 MAX_PROBE_SECONDS = 0.2  # ... doubled after each try that loses by LOSS_MARGIN, up to this: the host keeps a
                          # placement for seconds or more, and a clear loss costs (ratio - 1) x one call per interval
+MIN_CALLS_BETWEEN = 32  # and never before this many calls of the chosen table (long calls: a batch of 64)
 SWITCH_MARGIN = 0.95    # the other table takes over when its median is this much of the chosen one's
 LOSS_MARGIN = 1.25      # a try this much slower backs off
-DRIFT = 1.2             # the chosen table's median this much above its last comparison's: try the other now
-MIN_CALLS_BETWEEN = 32  # and never sooner than this many of the chosen table's calls (long calls: a batch of 64)
+DRIFT = 1.2             # the chosen table's median this much above its last comparison's: try the other as soon
+                        # as MIN_CALLS_BETWEEN allows
 
 
 class SplitChoice:
@@ -35,12 +36,17 @@ class SplitChoice:
         self.times = (deque(maxlen=WINDOW), deque(maxlen=WINDOW))
         self.calls = [0, 0]        # per table, calls run (a report: how often each won)
         self.probe_seconds = PROBE_SECONDS
-        self._next_probe = 0.0     # when to try the other table again (0: as soon as the chosen one settled)
+        self._next_probe = 0.0     # when to try the other table again
+        self._since_probe = 0      # calls of the chosen table since the other one last ran
         self._reference = None     # the chosen table's median at the last comparison
+        self._drifted = False
 
     def next(self, now: float) -> int:
-        if now >= self._next_probe and len(self.times[self.chosen]) >= SETTLE:
-            return 1 - self.chosen
+        other = 1 - self.chosen
+        if 0 < len(self.times[other]) < SETTLE:
+            return other  # a table with too few tries for a comparison gets them in a row
+        if self._since_probe >= max(MIN_CALLS_BETWEEN, SETTLE) and (self._drifted or now >= self._next_probe):
+            return other
         return self.chosen
 
     def record(self, table: int, seconds: float, now: float) -> None:
@@ -48,25 +54,27 @@ class SplitChoice:
         times = self.times[table]
         times.append(seconds)
         if table == self.chosen:
-            # Slower than at the last comparison (the host moved the cores?): try the other table now.
-            if self._reference is not None and self.calls[table] % SETTLE == 0 and \
+            self._since_probe += 1
+            # Slower than at the last comparison (the host moved the cores?): try the other table soon.
+            if self._reference is not None and self._since_probe % SETTLE == 0 and \
                     _median(times) > DRIFT * self._reference:
-                self._reference, self._next_probe = None, 0.0
-                self.times[1 - table].clear()  # its tries predate the change: SETTLE fresh ones decide
+                self._drifted = True
             return
+        self._since_probe, self._drifted = 0, False
         if len(times) < SETTLE:
-            return  # the other table settles first, a call at a time
+            return
         # Its last SETTLE tries against the chosen table's recent calls: a try from before the host moved the
         # cores is outvoted by newer ones.
         theirs, mine = _median(list(times)[-SETTLE:]), _median(self.times[self.chosen])
         if theirs < SWITCH_MARGIN * mine:
-            self.times[self.chosen].clear()  # its calls are about to grow stale: the next try starts afresh
+            # The old table's calls are about to grow stale: its next tries start afresh, SETTLE in a row.
+            self.times[self.chosen].clear()
             self.chosen, self._reference, self.probe_seconds = table, theirs, PROBE_SECONDS
         else:
             self._reference = mine
             self.probe_seconds = min(2 * self.probe_seconds, MAX_PROBE_SECONDS) if theirs > LOSS_MARGIN * mine \
                 else PROBE_SECONDS
-        self._next_probe = now + max(self.probe_seconds, MIN_CALLS_BETWEEN * _median(self.times[self.chosen]))
+        self._next_probe = now + self.probe_seconds
 
     @property
     def serial_share(self) -> float:

@@ -17,8 +17,9 @@ def play(chooser, seconds_of, calls, start=0.0):
     now, ran = start, []
     for _ in range(calls):
         table = chooser.next(now)
-        now += seconds_of(table, now)
-        chooser.record(table, seconds_of(table, now), now)
+        seconds = seconds_of(table, now)
+        now += seconds
+        chooser.record(table, seconds, now)
         ran.append(table)
     return ran, now
 
@@ -26,14 +27,15 @@ def play(chooser, seconds_of, calls, start=0.0):
 def test_settles_on_the_split_table_then_tries_the_serial_one_and_keeps_the_faster():
     chooser = SplitChoice()
     ran, _ = play(chooser, lambda t, now: 1e-3 if t == SPLIT else 2e-3, 200)
-    assert ran[:choice.SETTLE] == [SPLIT] * choice.SETTLE
-    assert ran[choice.SETTLE:2 * choice.SETTLE] == [SERIAL] * choice.SETTLE  # the other settles a call at a time
+    first = choice.MIN_CALLS_BETWEEN
+    assert ran[:first] == [SPLIT] * first
+    assert ran[first:first + choice.SETTLE] == [SERIAL] * choice.SETTLE  # the other gets its first tries in a row
     assert chooser.chosen == SPLIT and ran[-50:].count(SERIAL) <= 1
 
     chooser = SplitChoice()
     ran, _ = play(chooser, lambda t, now: 2e-3 if t == SPLIT else 1e-3, 200)
     assert chooser.chosen == SERIAL and ran[-100:].count(SPLIT) <= 2
-    assert chooser.calls[SERIAL] + chooser.calls[SPLIT] == 200 and chooser.serial_share > 0.9
+    assert chooser.calls[SERIAL] + chooser.calls[SPLIT] == 200 and chooser.serial_share > 0.8
 
 
 def test_a_clear_loss_backs_the_tries_off_up_to_the_cap_and_a_near_tie_resets_them():
@@ -111,4 +113,6 @@ def test_long_calls_try_the_other_table_at_most_every_few_dozen_calls():
     """A batch of 64 takes ~10 ms a call: a try every 20 ms of a table twice as slow would cost a third."""
     chooser = SplitChoice()
     ran, _ = play(chooser, lambda t, now: 10e-3 if t == SPLIT else 20e-3, 2000)
-    assert chooser.chosen == SPLIT and ran[100:].count(SERIAL) <= len(ran[100:]) / choice.MIN_CALLS_BETWEEN + 1
+    assert choice.MIN_CALLS_BETWEEN == 32 and choice.MAX_PROBE_SECONDS < 32 * 10e-3  # the floor binds here
+    assert chooser.chosen == SPLIT and ran[100:].count(SERIAL) <= len(ran[100:]) // 32 + 1
+
