@@ -332,6 +332,18 @@ def test_example_inputs_keep_dense_unless_sparse_wins_by_the_margin(monkeypatch)
         assert sparsert.sparsify(model, example_inputs=x).sparsert_choice["choice"] == expected
 
 
+def test_example_inputs_keep_the_rule_unless_the_per_layer_model_wins_by_the_margin(monkeypatch):
+    from sparsert import convert
+
+    model = _pruned(sparsert.models.mlp((32, 64, 10)))
+    x = torch.randn(3, 32)
+    monkeypatch.setattr(convert, "_time_pair", lambda dense, sparse, x: (2.0, 1.0))
+    for measured_ms, expected in ((0.95, "rule"), (0.85, "measured")):
+        monkeypatch.setattr(convert, "_time_models", lambda models, args, _m=measured_ms, **timing:
+                            {"measured": _m, "rule": 1.0, "dense": 2.0})
+        assert sparsert.sparsify(model, example_inputs=x).sparsert_choice["choice"] == expected
+
+
 def test_bare_layer_is_converted():
     lin = nn.Linear(32, 16)
     prune.l1_unstructured(lin, "weight", 0.9)
