@@ -788,26 +788,34 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     idx_off, idx_u16 = b.indices(indices)
     threads = numba.config.NUMBA_NUM_THREADS
     gather_work, product_work = c * n_live * pixels, len(values) * pixels
-    if n_live == 1 and pixels == n * h * w and row_len == pixels and (table[0] == np.arange(pixels)).all():
-        # Every pixel reads itself (a 1x1 map's centre tap, a small map's 1x1 stride-1 conv): the columns are the
-        # input as it lies, so the product reads it there. torchvision resnet18 at batch 1: layer 4's 2 us
-        # gathers beside 2 us products (global-98).
-        b.emit(ex.CONV_GEMM, product_work, off_in, c, pixels, out, out_channels, res_off, int(relu),
-               b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
-        return (out, "cnhw", (out_channels, n, out_h, out_w))
-    if PRIVATE_GATHER and threads > 1 and b.runs_parallel(product_work) and not b.runs_parallel(gather_work):
+    result = (out, "cnhw", (out_channels, n, out_h, out_w))
+    # Where every pixel reads itself (a 1x1 map's centre tap, a small map's 1x1 stride-1 conv), the columns are the
+    # input as it lies and the product reads it there (torchvision resnet18 at batch 1: layer 4's 2 us gathers
+    # beside 2 us products, global-98).
+    gathered = not _reads_itself(table, n * h * w, row_len)
+    if gathered and PRIVATE_GATHER and threads > 1 and b.runs_parallel(product_work) and \
+            not b.runs_parallel(gather_work):
         cols = b.alloc(threads * c * n_live * row_len)
         b.emit(ex.GATHER_GEMM, product_work, off_in, n * h * w, c, n_live, pixels, b.weights_u32(table),
                row_len, cols, threads, out, out_channels, res_off, int(relu), b.weights_u32(indptr), idx_off,
                len(values), b.weights_f32(values), b.weights_f32(bias), idx_u16)
         b.free(cols)
-        return (out, "cnhw", (out_channels, n, out_h, out_w))
-    cols = b.alloc(c * n_live * row_len)
-    b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
-    b.emit(ex.CONV_GEMM, product_work, cols, c * n_live, pixels, out, out_channels, res_off, int(relu),
+        return result
+    cols, rows = off_in, c
+    if gathered:
+        cols, rows = b.alloc(c * n_live * row_len), c * n_live
+        b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
+    b.emit(ex.CONV_GEMM, product_work, cols, rows, pixels, out, out_channels, res_off, int(relu),
            b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
-    b.free(cols)
-    return (out, "cnhw", (out_channels, n, out_h, out_w))
+    if gathered:
+        b.free(cols)
+    return result
+
+
+def _reads_itself(table, plane_len: int, row_len: int) -> bool:
+    """Whether an im2col table (live taps only) copies the input as it lies: one tap, output pixel p reading input
+    pixel p, rows as long as the input's."""
+    return table.shape[0] == 1 and table.shape[1] == plane_len == row_len and (table[0] == np.arange(plane_len)).all()
 
 
 # ops.uses_im2col's gather cost where the other path is the grid conv (plan only), not the eager direct conv: it
