@@ -76,12 +76,6 @@ class SplitChoice:
                 else PROBE_SECONDS
         self._next_probe = now + self.probe_seconds
 
-    @property
-    def serial_share(self) -> float:
-        """The fraction of calls that ran on one thread."""
-        total = sum(self.calls)
-        return self.calls[SERIAL] / total if total else 0.0
-
 
 def _median(values) -> float:
     ordered = sorted(values)

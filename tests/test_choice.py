@@ -35,7 +35,7 @@ def test_settles_on_the_split_table_then_tries_the_serial_one_and_keeps_the_fast
     chooser = SplitChoice()
     ran, _ = play(chooser, lambda t, now: 2e-3 if t == SPLIT else 1e-3, 200)
     assert chooser.chosen == SERIAL and ran[-100:].count(SPLIT) <= 2
-    assert chooser.calls[SERIAL] + chooser.calls[SPLIT] == 200 and chooser.serial_share > 0.8
+    assert chooser.calls[SERIAL] + chooser.calls[SPLIT] == 200 and chooser.calls[SERIAL] / 200 > 0.8
 
 
 def test_a_clear_loss_backs_the_tries_off_up_to_the_cap_and_a_near_tie_resets_them():

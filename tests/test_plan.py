@@ -320,28 +320,19 @@ def test_model_with_no_sparse_layer_runs_eagerly():
     torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_example_inputs_keep_dense_unless_sparse_wins_by_the_margin(monkeypatch):
+@pytest.mark.parametrize("rule_ms,dense_ms,measured_ms,expected", [
+    (1.5, 1.0, 0.95, "dense"), (1.5, 1.0, 0.85, "measured"),  # a sparse model must beat dense by AUTO_MIN_GAIN
+    (1.0, 2.0, 0.95, "rule"), (1.0, 2.0, 0.85, "measured")])  # ... and the per-layer one the rule's by as much
+def test_example_inputs_pick_a_model_only_where_it_wins_by_the_margin(monkeypatch, rule_ms, dense_ms, measured_ms,
+                                                                      expected):
     from sparsert import convert
 
     model = _pruned(sparsert.models.mlp((32, 64, 10)))
     x = torch.randn(3, 32)
     monkeypatch.setattr(convert, "_time_pair", lambda dense, sparse, x: (2.0, 1.0))
-    for measured_ms, expected in ((0.95, "dense"), (0.85, "measured")):
-        monkeypatch.setattr(convert, "_time_models", lambda models, args, _m=measured_ms, **timing:
-                            {"measured": _m, "rule": 1.5, "dense": 1.0})
-        assert sparsert.sparsify(model, example_inputs=x).sparsert_choice["choice"] == expected
-
-
-def test_example_inputs_keep_the_rule_unless_the_per_layer_model_wins_by_the_margin(monkeypatch):
-    from sparsert import convert
-
-    model = _pruned(sparsert.models.mlp((32, 64, 10)))
-    x = torch.randn(3, 32)
-    monkeypatch.setattr(convert, "_time_pair", lambda dense, sparse, x: (2.0, 1.0))
-    for measured_ms, expected in ((0.95, "rule"), (0.85, "measured")):
-        monkeypatch.setattr(convert, "_time_models", lambda models, args, _m=measured_ms, **timing:
-                            {"measured": _m, "rule": 1.0, "dense": 2.0})
-        assert sparsert.sparsify(model, example_inputs=x).sparsert_choice["choice"] == expected
+    monkeypatch.setattr(convert, "_time_models", lambda models, args, **timing:
+                        {"measured": measured_ms, "rule": rule_ms, "dense": dense_ms})
+    assert sparsert.sparsify(model, example_inputs=x).sparsert_choice["choice"] == expected
 
 
 def test_bare_layer_is_converted():
