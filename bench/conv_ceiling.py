@@ -54,7 +54,7 @@ def conv_case(channels: int, size: int, rows: int, lanes: int, density: float, b
     offsets = lane_offsets(columns, (3, 3), (1, 1), plane, wq, lanes)
     bias = np.zeros(channels, np.float32)
     args = (bounds, offsets, w.data[order], x, 0, wq, 1, bias, out, False, True, out, wq, wq + 1, rows, size, lanes,
-            cells, plan.LANE_CO_BLOCK, 0, np.zeros(9, np.uint32))
+            cells, plan.LANE_CO_BLOCK, 0, np.zeros(9, np.uint32), plan.LANE_ITEM_ROWS)
     return args, w.nnz * rows * size * lanes, w
 
 

@@ -32,7 +32,7 @@ NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4,
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
 TO_TILES, FROM_TILES, GATHER_GEMM = 23, 24, 25
-N_PARAMS = 29
+N_PARAMS = 30
 
 
 def _maxpool(x, kernel, stride, pad, out):
@@ -204,7 +204,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             #    OH, OW, lanes, cells_per_strip, co_block, block bounds (u32 [C_out, 2 n_blocks]), n_blocks, tap offsets,
             #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
             #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9]),
-            #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: sparsert.bands)
+            #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: sparsert.bands),
+            #    output rows a work item covers (1 or 2)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
@@ -216,12 +217,12 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 if p[23]:
                     zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
                 lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
             else:
                 if p[23]:
                     zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
                 lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep)
+                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
         elif code == LANE_CONV_MAXPOOL:
             # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
             #    lanes, cells_per_strip, block bounds (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,

@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from ._jit import twin
 from .layout import TILE, transpose_tile
-from .strip import VECTOR_BYTES, WIDE_VECTORS, cell_pair_strip, wide_strip
+from .strip import VECTOR_BYTES, WIDE_VECTORS, cell_pair_strip, row_pair_strip, wide_strip
 
 LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded to a multiple of it
 
@@ -184,7 +184,7 @@ def write_halo(plane, sy, x0, n, th, tw, tiles_x, keep):
 
 
 def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,
-               out_origin, out_h, out_w, lanes, cells_per_strip, co_block, tiles_x, keep):
+               out_origin, out_h, out_w, lanes, cells_per_strip, co_block, tiles_x, keep, item_rows):
     """out[co, cell(oy, ox)] = relu?(bias[co] + sum_k data[k] * x.flat[src(oy, ox) + offsets[k]] + residual[co, cell])
     for the out_h x out_w block of output cells whose first cell is out_origin (cell(oy, ox) = out_origin + oy *
     wq_out + ox): a whole map's interior, or one region of it (plan.lane_regions).
@@ -199,19 +199,24 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     Out: out[C_out, plane_out] (and residual alike), the block's cells written; borders are `zero_border`'s
     job, except on a tiled map (tiles_x > 0: `_to_tiles`), whose halo cells each item copies from its cells
     (`write_halo`, keep its masks), so that every tiled activation carries its halo for the next conv.
-    Work items: one output row segment of cells_per_strip cells (at stride 1 neighbouring cells read
-    neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
-    64) for co_block output channels."""
+    Work items: item_rows (1 or 2) output rows' segments of cells_per_strip cells (at stride 1 neighbouring cells
+    read neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
+    64) for co_block output channels. Where two rows' segments fill two whole WIDE_VECTORS strips, one
+    `row_pair_strip` computes both (stride 1)."""
     n_out = out.shape[0]
     n_blocks = bounds.shape[1] // 2
     segments = (out_w + cells_per_strip - 1) // cells_per_strip
     blocks = (n_out + co_block - 1) // co_block
+    wide = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
     zero = data[:0].sum()  # 0 in the weights' dtype
-    for item in prange(out_h * segments * blocks):  # output rows outermost: a static split gives each thread rows
+    # output rows outermost: a static split gives each thread rows
+    for item in prange((out_h + item_rows - 1) // item_rows * segments * blocks):
         block = item % blocks
         ox = (item // blocks % segments) * cells_per_strip
-        oy = item // blocks // segments
+        oy = item // blocks // segments * item_rows
+        n_rows = min(item_rows, out_h - oy)
         n_cells = min(cells_per_strip, out_w - ox)
+        paired = n_rows == 2 and step_x == 1 and n_cells * lanes == wide
         src = (origin + oy * step_y + ox * step_x) * lanes
         dst = (out_origin + oy * wq_out + ox) * lanes
         for b in range(n_blocks):
@@ -222,11 +227,18 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
                 row = co * out.shape[1] + dst
                 init = bias[co] if first else zero
-                cells_strip(x, src, step_x, lanes, n_cells, offsets, data, bounds[co, 2 * b], bounds[co, 2 * b + 1], init,
-                            out, row, add, has_residual or not first, relu and last)
+                k0, k1 = bounds[co, 2 * b], bounds[co, 2 * b + 1]
+                if paired:
+                    row_pair_strip(x, src, step_y * lanes, offsets, data, k0, k1, init, out, row, wq_out * lanes, add,
+                                   has_residual or not first, relu and last)
+                else:
+                    for r in range(n_rows):
+                        cells_strip(x, src + r * step_y * lanes, step_x, lanes, n_cells, offsets, data, k0, k1, init,
+                                    out, row + r * wq_out * lanes, add, has_residual or not first, relu and last)
         if tiles_x:  # a tiled map (whole tile, out_origin its first interior cell): its halo, from the final values
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
-                write_halo(out[co], oy + 1, ox + 1, n_cells, out_h, out_w, tiles_x, keep)
+                for r in range(n_rows):
+                    write_halo(out[co], oy + r + 1, ox + 1, n_cells, out_h, out_w, tiles_x, keep)
 
 
 def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, relu, conv_h, conv_w, lanes,

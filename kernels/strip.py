@@ -114,9 +114,12 @@ def _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, m
                                                 for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
 
 
-def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False):
+def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False, two_rows: bool = False):
     # Independent accumulator chains: an FMA waits ~4 cycles for the previous one into the same register,
     # so strips of fewer than 4 vectors also split the nonzeros over n_sets accumulator sets.
+    # gapped: the second half of the vectors reads x `gap` elements further on (two cells of a strided conv).
+    # two_rows: the same, and the second half also writes out (reads res and mask) `out_gap` further on: two
+    # output rows of a lanes conv, whose nonzeros then load their index and weight once for both.
     # whole: n_valid is always n_vec full vectors (the caller's promise), so no load or store is masked. A mask
     # known only at run time costs AVX2 a vmaskmovps pair per nonzero: 6 vectors in L1 ran 44.6 GMAC/s with a
     # constant mask (folded away), 36.7 with a run-time one.
@@ -130,7 +133,8 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
     def codegen(context, builder, signature, args):
         (x_v, x0_v, stride_v, idx_v, val_v, k0_v, k1_v, init_v, out_v, o_v, n_v, res_v, r_v, has_res_v,
          relu_v, mask_v, m_v, has_mask_v) = args[:18]
-        gap_v = args[18] if gapped else None
+        gap_v = args[18] if gapped or two_rows else None
+        out_gap_v = args[19] if two_rows else None
         aty = signature.args
         elem = context.get_value_type(aty[0].dtype)
         n_lanes = lanes(aty[0].dtype)
@@ -178,7 +182,7 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
                 if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
             row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
             w = splat(builder.load(builder.gep(val_ptr, [kk])))
-            if gapped:  # vectors n_vec/2.. one cell on
+            if gapped or two_rows:  # vectors n_vec/2.. one cell (one row) on
                 half = n_vec // 2
                 far = builder.gep(row, [gap_v])
                 return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]) if v < half else
@@ -205,17 +209,27 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
         for other in sets[1:]:
             total = [builder.fadd(a, b) for a, b in zip(total, other)]
         results = accumulate(k_main, k1_v, [total])[0]
+        def at(ptr, start, v):  # where output vector v sits (two rows: the second half out_gap further on)
+            if two_rows and v >= n_vec // 2:
+                start, v = builder.add(start, out_gap_v), v - n_vec // 2
+            return builder.gep(ptr, [builder.add(start, ir.Constant(i64, n_lanes * v))])
+
         def lane_vectors(ptr, start):
-            row = builder.gep(ptr, [start])
-            return [load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero) for v in range(n_vec)]
+            return [load(at(ptr, start, v), v, zero) for v in range(n_vec)]
 
         values = _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, mask_ptr, m_v, has_mask_v)
-        out_row = builder.gep(out_ptr, [o_v])
         for v, value in enumerate(values):
-            store(value, builder.gep(out_row, [ir.Constant(i64, n_lanes * v)]), v)
+            store(value, at(out_ptr, o_v, v), v)
         return context.get_dummy_value()
 
-    if gapped:
+    if two_rows:
+        @intrinsic
+        def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
+                  mask, m, has_mask, gap, out_gap):
+            """Two output rows of n_vec / 2 vectors each: the second row reads x `gap` and writes out, res and mask
+            `out_gap` elements after the first."""
+            return types.void(*signature_of(x, indices, values, out, res, mask), types.intp, types.intp), codegen
+    elif gapped:
         @intrinsic
         def strip(typingctx, x, x0, stride, indices, values, k0, k1, init, out, o, n_valid, res, r, has_res, relu,
                   mask, m, has_mask, gap):
@@ -258,6 +272,8 @@ strip4_split = _make_strip(STRIP_VECTORS, n_sets=2, whole=True)
 # FMA chains waiting on each other (the 4-vector strip of one 64-lane cell ran at half the FMA rate).
 strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True, whole=True) for n in (2, 4, 2 * STRIP_VECTORS))
 PAIR_CELL_SIZES = (16, 32, 64)  # floats a cell may hold for `cell_pair_strip`
+# Two output rows of WIDE_VECTORS whole vectors each (16 accumulators: AVX-512's 32 registers hold them).
+strip16_rows = _make_strip(2 * WIDE_VECTORS, two_rows=True, whole=True)
 
 
 # Pixels a quad strip covers: the 4 outputs of a 2x2 map (torchvision resnet18's layer 3 at 32x32, batch 1).
@@ -425,3 +441,12 @@ def cell_pair_strip(x, x0, gap, indices, values, k0, k1, init, out, o, cell, res
     else:
         strip2_gap(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * cell, res, r, has_res, relu, res, 0, False,
                    gap)
+
+
+@njit(inline="always", nogil=True)
+def row_pair_strip(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu):
+    """Two output rows of WIDE_VECTORS whole vectors each, the second reading x x_gap and writing out (reading res)
+    out_gap elements after the first: each nonzero's index and weight load serve twice the multiply-adds, and a
+    work item's input window covers 4 input rows for 2 output rows where one row's covers 3."""
+    strip16_rows(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * WIDE_VECTORS * VECTOR_BYTES // x.itemsize, res,
+                 o, has_res, relu, res, 0, False, x_gap, out_gap)

@@ -26,6 +26,7 @@ from .kernels import executor as ex
 # the op zeroes first, 0: none) is also the one plan.unread_borders clears
 _X, _C_IN, _PLANE_IN, _OUT, _C_OUT, _PLANE_OUT, _RES = 0, 1, 2, 3, 4, 5, 6
 _ORIGIN, _STEP_Y, _ROWS, _FIRST_CELL, BORDER_ROWS, _CELLS_PER_ROW, _ZERO_FROM, _ZERO_TO = 8, 9, 11, 22, 23, 24, 27, 28
+_ITEM_ROWS = 29
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,14 @@ def _band(row, d: LaneRows, first: int, end: int):
 
 
 def _bands(row, d: LaneRows, band_bytes: int) -> list:
-    """The op's bands: output rows of about band_bytes each. An op that writes part of its rows' columns, or zeroes
-    a border beyond its own rows (a region of several, whose first zeroes the map's), stays whole."""
+    """The op's bands: output rows of about band_bytes each, a multiple of the rows its work items cover (so that
+    pairs of rows stay pairs). An op that writes part of its rows' columns, or zeroes a border beyond its own rows
+    (a region of several, whose first zeroes the map's), stays whole."""
     p = row[2:]
     rows = p[_ROWS]
     whole_map = d.first_row == 0 and rows == d.out_h
-    per_band = max(1, band_bytes // (4 * p[_C_OUT] * d.out_row_len))
+    item_rows = max(1, p[_ITEM_ROWS])
+    per_band = max(1, band_bytes // (4 * p[_C_OUT] * d.out_row_len) // item_rows) * item_rows
     if not d.whole_width or (p[BORDER_ROWS] and not whole_map) or per_band >= rows:
         return [_band(row, d, d.first_row, d.first_row + rows)]
     return [_band(row, d, first, min(first + per_band, d.first_row + rows))

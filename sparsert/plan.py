@@ -930,6 +930,10 @@ LANE_MIN_BATCH = 16
 # Numba targets AVX-512; on AVX2, where 8 spill (kernels.strip), 6.
 LANE_STRIP_VECTORS = 8 if kernels.AVX512 else 6
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
+# Output rows a stride-1 lanes conv's work item covers, where AVX-512's registers hold two rows' wide strips
+# (kernels.strip.row_pair_strip): each nonzero's index and weight then serve 16 vectors, and an input-channel
+# block's window is 4 input rows for 2 output rows.
+LANE_ITEM_ROWS = 2 if kernels.AVX512 else 1
 LANE_WINDOW_BYTES = 16 << 10  # an input-channel block's window (channels x taps x lanes): with the strip's halo, ~L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
 LANE_BLOCK_STRIP_NNZ = 25  # nonzeros per row a channel block gets even past the window (lane_channel_block)
@@ -1228,6 +1232,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         cells_per_strip = lane_strip_cells(lanes)
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
+    item_rows = int(LANE_ITEM_ROWS) if (sh, sw) == (1, 1) else 1
     regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,
                                                       lanes, cells_per_strip, whole)
     layout = "tiles" if tiled else "lanes"
@@ -1262,7 +1267,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         else:
             segments = -(-cols // cells_per_strip)
             co_block = LANE_CO_BLOCK
-            while co_block > 8 and rows * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
+            while co_block > 8 and -(-rows // item_rows) * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
                 co_block //= 2  # a small region still gives every thread work
         bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
         offsets, r_values = offsets[order], np.asarray(r_values)[order]
@@ -1289,7 +1294,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
                b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1,
                hq_out if i == 0 and not tiled else 0, wq_out, TILES[1] if tiled else 0, _halo_masks(b) if tiled else 0,
-               0, hq_out)
+               0, hq_out, item_rows)
     if tiled:
         return (out, "tiles", (out_channels, 1, *image_out)), False
     return (out, "lanes", (out_channels, n, out_h, out_w)), False

@@ -661,6 +661,11 @@ def _masked_but(model, dense: str, density: float):
     return model
 
 
+def kernels_avx512():
+    from sparsert import kernels
+    return kernels.AVX512
+
+
 def _lane_net(density=0.3):
     torch.manual_seed(0)
     return _masked_but(_LaneNet(), "dense", density)
@@ -676,6 +681,30 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
     x = torch.randn(batch, 3, 30, 26)
     assert _lane_convs(sparse.plan_for(x)) == 6  # every conv, the dense one included
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not kernels_avx512(), reason="row pairs need AVX-512's 32 registers")
+@pytest.mark.parametrize("batch", [16, 33])
+def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch):
+    """A stride-1 lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS: one row_pair_strip where both
+    rows fill a wide strip, the rows one by one elsewhere: odd heights, short segments). Each output is the same
+    sum in the same order as with one row an item, so the two plans agree bit for bit, over a NaN arena."""
+    from sparsert import plan as plan_module
+    from sparsert.kernels import executor as ex
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(batch, 3, 30, 26)
+    paired = sparse.plan_for(x)
+    convs = paired.ops[paired.ops[:, 0] == ex.LANE_CONV]
+    strided = convs[:, 2 + 10] != 1  # step_x
+    assert (convs[~strided, 2 + 29] == 2).any() and (convs[strided, 2 + 29] == 1).all()
+    out = _run_on_nan_arena(sparse, x)
+    sparse.__dict__["_plans"].clear()
+    monkeypatch.setattr(plan_module, "LANE_ITEM_ROWS", 1)
+    single = sparse.plan_for(x)
+    assert (single.ops[single.ops[:, 0] == ex.LANE_CONV][:, 2 + 29] == 1).all()
+    assert torch.equal(_run_on_nan_arena(sparse, x), out)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_every_op_names_the_layer_it_was_lowered_from(monkeypatch):
@@ -744,7 +773,8 @@ def test_split_plan_runs_its_lanes_convs_depth_first_in_row_bands(regions, monke
     assert sorted(set(lane_layers(banded))) == sorted(set(lane_layers(whole)))
     if regions == "by-gain":
         layers = lane_layers(banded)
-        assert layers.count("a") == 8 and lane_layers(whole).count("a") == 1  # 8 x 7 map: one band a row
+        # 8 x 7 map: one band per work item's rows (a row, or a pair of rows)
+        assert layers.count("a") == 8 // plan_module.LANE_ITEM_ROWS and lane_layers(whole).count("a") == 1
         assert layers.index("b") < len(layers) - 1 - layers[::-1].index("a")  # b's first band before a's last
     assert len(lane_layers(banded)) > len(lane_layers(whole))
     out = _run_on_nan_arena(sparse, x)
