@@ -129,9 +129,16 @@ def pool_row(src, origin, height, width, row_step, kernel, stride, pad, oy, out_
 def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out, dst, add, has_add, relu):
     """One row nonzeros' sum over n_cells neighbouring output cells, from src (their first input cell) into
     out at dst (adding add[dst..] when has_add). At stride 1 the cells' inputs are adjacent: strips of up to
-    WIDE_VECTORS vectors. At other strides two cells share one gapped strip (`cell_pair_strip`)."""
-    if n_cells == 2 and step_x != 1:
-        cell_pair_strip(x, src, step_x * lanes, offsets, data, k0, k1, init, out, dst, lanes, add, dst, has_add, relu)
+    WIDE_VECTORS vectors. At other strides two cells share one gapped strip (`cell_pair_strip`), a last odd
+    cell takes its own."""
+    if step_x != 1:
+        for j in range(0, n_cells, 2):
+            if n_cells - j >= 2:
+                cell_pair_strip(x, src + j * step_x * lanes, step_x * lanes, offsets, data, k0, k1, init, out,
+                                dst + j * lanes, lanes, add, dst + j * lanes, has_add, relu)
+            else:
+                wide_strip(x, src + j * step_x * lanes, 1, offsets, data, k0, k1, init, out, dst + j * lanes, lanes,
+                           add, dst + j * lanes, has_add, relu, data, 0, False)
     else:
         width = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
         n_valid = n_cells * lanes
@@ -202,7 +209,7 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     Work items: item_rows (1 or 2) output rows' segments of cells_per_strip cells (at stride 1 neighbouring cells
     read neighbouring inputs, so up to 128 lanes share one 8-vector strip; 1.1-1.25x on ResNet convs at batch
     64) for co_block output channels. Where two rows' segments fill two whole WIDE_VECTORS strips, one
-    `row_pair_strip` computes both (stride 1)."""
+    `row_pair_strip` computes both (stride 1, or 2 at up to 64 lanes)."""
     n_out = out.shape[0]
     n_blocks = bounds.shape[1] // 2
     segments = (out_w + cells_per_strip - 1) // cells_per_strip
@@ -216,7 +223,7 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
         oy = item // blocks // segments * item_rows
         n_rows = min(item_rows, out_h - oy)
         n_cells = min(cells_per_strip, out_w - ox)
-        paired = n_rows == 2 and step_x == 1 and n_cells * lanes == wide
+        paired = n_rows == 2 and n_cells * lanes == wide and (step_x == 1 or (step_x == 2 and lanes <= 64))
         src = (origin + oy * step_y + ox * step_x) * lanes
         dst = (out_origin + oy * wq_out + ox) * lanes
         for b in range(n_blocks):
@@ -230,7 +237,7 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
                 k0, k1 = bounds[co, 2 * b], bounds[co, 2 * b + 1]
                 if paired:
                     row_pair_strip(x, src, step_y * lanes, offsets, data, k0, k1, init, out, row, wq_out * lanes, add,
-                                   has_residual or not first, relu and last)
+                                   has_residual or not first, relu and last, step_x, lanes)
                 else:
                     for r in range(n_rows):
                         cells_strip(x, src + r * step_y * lanes, step_x, lanes, n_cells, offsets, data, k0, k1, init,

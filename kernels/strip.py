@@ -114,12 +114,14 @@ def _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, m
                                                 for v, k in zip(vs, lane_vectors(mask_ptr, m_v))], "mask")
 
 
-def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False, two_rows: bool = False):
+def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool = False, two_rows: bool = False,
+                cell_vectors: int = 1, cell_stride: int = 1):
     # Independent accumulator chains: an FMA waits ~4 cycles for the previous one into the same register,
     # so strips of fewer than 4 vectors also split the nonzeros over n_sets accumulator sets.
     # gapped: the second half of the vectors reads x `gap` elements further on (two cells of a strided conv).
     # two_rows: the same, and the second half also writes out (reads res and mask) `out_gap` further on: two
-    # output rows of a lanes conv, whose nonzeros then load their index and weight once for both.
+    # output rows of a lanes conv, whose nonzeros then load their index and weight once for both. Within a row,
+    # output cells of cell_vectors vectors each read input cells cell_stride cells apart (a strided conv's).
     # whole: n_valid is always n_vec full vectors (the caller's promise), so no load or store is masked. A mask
     # known only at run time costs AVX2 a vmaskmovps pair per nonzero: 6 vectors in L1 ran 44.6 GMAC/s with a
     # constant mask (folded away), 36.7 with a run-time one.
@@ -182,7 +184,16 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
                 if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
             row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
             w = splat(builder.load(builder.gep(val_ptr, [kk])))
-            if gapped or two_rows:  # vectors n_vec/2.. one cell (one row) on
+            if two_rows:  # vectors n_vec/2.. one row on; within a row, cells cell_stride cells apart
+                half = n_vec // 2
+                far = builder.gep(row, [gap_v])
+
+                def offset(j):
+                    return n_lanes * ((j // cell_vectors) * cell_stride * cell_vectors + j % cell_vectors)
+                return [builder.call(fma, [w, load(builder.gep(row if v < half else far,
+                                                               [ir.Constant(i64, offset(v % half))]), v, zero), acc])
+                        for v, acc in enumerate(accs)]
+            if gapped:  # vectors n_vec/2.. one cell on
                 half = n_vec // 2
                 far = builder.gep(row, [gap_v])
                 return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]) if v < half else
@@ -272,8 +283,11 @@ strip4_split = _make_strip(STRIP_VECTORS, n_sets=2, whole=True)
 # FMA chains waiting on each other (the 4-vector strip of one 64-lane cell ran at half the FMA rate).
 strip2_gap, strip4_gap, strip8_gap = (_make_strip(n, gapped=True, whole=True) for n in (2, 4, 2 * STRIP_VECTORS))
 PAIR_CELL_SIZES = (16, 32, 64)  # floats a cell may hold for `cell_pair_strip`
-# Two output rows of WIDE_VECTORS whole vectors each (16 accumulators: AVX-512's 32 registers hold them).
+# Two output rows of WIDE_VECTORS whole vectors each (16 accumulators: AVX-512's 32 registers hold them): a stride-1
+# conv's (cells adjacent), or a stride-2 conv's with cells of 1, 2 or 4 vectors (16, 32 or 64 lanes).
 strip16_rows = _make_strip(2 * WIDE_VECTORS, two_rows=True, whole=True)
+strip16_rows_s2c1, strip16_rows_s2c2, strip16_rows_s2c4 = (
+    _make_strip(2 * WIDE_VECTORS, two_rows=True, whole=True, cell_vectors=c, cell_stride=2) for c in (1, 2, 4))
 
 
 # Pixels a quad strip covers: the 4 outputs of a 2x2 map (torchvision resnet18's layer 3 at 32x32, batch 1).
@@ -444,9 +458,22 @@ def cell_pair_strip(x, x0, gap, indices, values, k0, k1, init, out, o, cell, res
 
 
 @njit(inline="always", nogil=True)
-def row_pair_strip(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu):
-    """Two output rows of WIDE_VECTORS whole vectors each, the second reading x x_gap and writing out (reading res)
-    out_gap elements after the first: each nonzero's index and weight load serve twice the multiply-adds, and a
-    work item's input window covers 4 input rows for 2 output rows where one row's covers 3."""
-    strip16_rows(x, x0, 1, indices, values, k0, k1, init, out, o, 2 * WIDE_VECTORS * VECTOR_BYTES // x.itemsize, res,
-                 o, has_res, relu, res, 0, False, x_gap, out_gap)
+def row_pair_strip(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu, step_x, cell):
+    """Two output rows of WIDE_VECTORS whole vectors each (cells of `cell` floats, whose inputs lie step_x cells
+    apart: 1, or 2 where cell is 16, 32 or 64), the second row reading x x_gap and writing out (reading res) out_gap
+    elements after the first: each nonzero's index and weight load serve twice the multiply-adds, and a work
+    item's input window covers 4 input rows for 2 output rows where one row's covers 3 (at stride 1)."""
+    n = 2 * WIDE_VECTORS * VECTOR_BYTES // x.itemsize
+    vectors = cell * x.itemsize // VECTOR_BYTES
+    if step_x == 1:
+        strip16_rows(x, x0, 1, indices, values, k0, k1, init, out, o, n, res, o, has_res, relu, res, 0, False, x_gap,
+                     out_gap)
+    elif vectors == 1:
+        strip16_rows_s2c1(x, x0, 1, indices, values, k0, k1, init, out, o, n, res, o, has_res, relu, res, 0, False,
+                          x_gap, out_gap)
+    elif vectors == 2:
+        strip16_rows_s2c2(x, x0, 1, indices, values, k0, k1, init, out, o, n, res, o, has_res, relu, res, 0, False,
+                          x_gap, out_gap)
+    else:
+        strip16_rows_s2c4(x, x0, 1, indices, values, k0, k1, init, out, o, n, res, o, has_res, relu, res, 0, False,
+                          x_gap, out_gap)

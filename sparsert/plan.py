@@ -934,6 +934,7 @@ LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over
 # (kernels.strip.row_pair_strip): each nonzero's index and weight then serve 16 vectors, and an input-channel
 # block's window is 4 input rows for 2 output rows.
 LANE_ITEM_ROWS = 2 if kernels.AVX512 else 1
+LANE_STRIDED_ITEM_ROWS = LANE_ITEM_ROWS  # the same for stride-2 convs (cells 2 apart) at 16, 32 or 64 lanes
 LANE_WINDOW_BYTES = 16 << 10  # an input-channel block's window (channels x taps x lanes): with the strip's halo, ~L1
 LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay its partial-sum pass
 LANE_BLOCK_STRIP_NNZ = 25  # nonzeros per row a channel block gets even past the window (lane_channel_block)
@@ -1228,11 +1229,13 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     tap_nnz = np.bincount(indices % taps, minlength=taps)
     whole = (0, out_h, 0, out_w, np.ones(taps, bool) if tiled else
              live_taps(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
-    if (sh, sw) == (1, 1):
-        cells_per_strip = lane_strip_cells(lanes)
+    if sw == 1:  # a row's cells read adjacent input cells: wide strips
+        cells_per_strip, item_rows = lane_strip_cells(lanes), int(LANE_ITEM_ROWS)
+    elif sw == 2 and lanes in kernels.PAIR_CELL_SIZES and LANE_STRIDED_ITEM_ROWS == 2:
+        # two rows' wide strips where both fill one (kernels.strip.row_pair_strip), pairs of cells elsewhere
+        cells_per_strip, item_rows = lane_strip_cells(lanes), 2
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
-        cells_per_strip = 2 if lanes in kernels.PAIR_CELL_SIZES else 1
-    item_rows = int(LANE_ITEM_ROWS) if (sh, sw) == (1, 1) else 1
+        cells_per_strip, item_rows = (2 if lanes in kernels.PAIR_CELL_SIZES else 1), 1
     regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,
                                                       lanes, cells_per_strip, whole)
     layout = "tiles" if tiled else "lanes"

@@ -612,7 +612,9 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     """Every conv geometry through the lanes kernel, with fused bias, residual and ReLU; batch 20 leaves
     12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border. "always": every conv whose
     map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many.
-    Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40)."""
+    Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40), or on
+    AVX-512 two rows' wide strips (pairs of cells where a segment or a row is left over: 13 x 11 maps)."""
+    from sparsert import plan as plan_module
     if regions == "always":
         _force_region_grid(monkeypatch)
     torch.manual_seed(0)
@@ -623,8 +625,15 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     assert _lane_convs(plan) == 2
     from sparsert.kernels import executor as ex
     cells_per_strip = {int(row[2 + 14]) for row in plan.ops if row[0] == ex.LANE_CONV}
+    item_rows = {int(row[2 + 29]) for row in plan.ops if row[0] == ex.LANE_CONV}
     if CONV_CONFIGS[config].get("stride", 1) in (2, (2, 2)):
-        assert cells_per_strip == ({1} if batch == 40 else {2})
+        lanes = {int(row[2 + 13]) for row in plan.ops if row[0] == ex.LANE_CONV}.pop()  # (a split batch's share)
+        if batch == 40:
+            assert cells_per_strip == {1} and item_rows == {1}
+        elif plan_module.LANE_STRIDED_ITEM_ROWS == 2:  # two rows' wide strips, cells two input cells apart
+            assert cells_per_strip == {plan_module.lane_strip_cells(lanes)} and item_rows == {2}
+        else:
+            assert cells_per_strip == {2} and item_rows == {1}
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
@@ -686,8 +695,8 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
 @pytest.mark.skipif(not kernels_avx512(), reason="row pairs need AVX-512's 32 registers")
 @pytest.mark.parametrize("batch", [16, 33])
 def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch):
-    """A stride-1 lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS: one row_pair_strip where both
-    rows fill a wide strip, the rows one by one elsewhere: odd heights, short segments). Each output is the same
+    """A lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS, LANE_STRIDED_ITEM_ROWS at stride 2: one
+    row_pair_strip where both rows fill a wide strip, the rows one by one elsewhere: odd heights, short segments). Each output is the same
     sum in the same order as with one row an item, so the two plans agree bit for bit, over a NaN arena."""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
@@ -697,10 +706,12 @@ def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch
     paired = sparse.plan_for(x)
     convs = paired.ops[paired.ops[:, 0] == ex.LANE_CONV]
     strided = convs[:, 2 + 10] != 1  # step_x
-    assert (convs[~strided, 2 + 29] == 2).any() and (convs[strided, 2 + 29] == 1).all()
+    if batch == 16:  # (48 lanes, batch 33: a wide strip holds 2 cells, 96 lanes: never a whole 8-vector one)
+        assert (convs[~strided, 2 + 29] == 2).any() and (convs[strided, 2 + 29] == 2).any()
     out = _run_on_nan_arena(sparse, x)
     sparse.__dict__["_plans"].clear()
     monkeypatch.setattr(plan_module, "LANE_ITEM_ROWS", 1)
+    monkeypatch.setattr(plan_module, "LANE_STRIDED_ITEM_ROWS", 1)
     single = sparse.plan_for(x)
     assert (single.ops[single.ops[:, 0] == ex.LANE_CONV][:, 2 + 29] == 1).all()
     assert torch.equal(_run_on_nan_arena(sparse, x), out)

@@ -159,31 +159,41 @@ def test_row_strip_runs_the_quad_strip_for_four_outputs():
 
 
 @njit(cache=False)
-def _row_pair(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu):
-    kernels.strip.row_pair_strip(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu)
+def _row_pair(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu, step_x, cell):
+    kernels.strip.row_pair_strip(x, x0, x_gap, indices, values, k0, k1, init, out, o, out_gap, res, has_res, relu,
+                                 step_x, cell)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype,step_x,cell", [(np.float32, 1, 16), (np.float64, 1, 8), (np.float32, 2, 16),
+                                               (np.float32, 2, 32), (np.float32, 2, 64)])
 @pytest.mark.parametrize("has_res,relu", [(False, False), (True, True)])
-def test_row_pair_strip_computes_two_rows_apart(dtype, has_res, relu, gen):
+def test_row_pair_strip_computes_two_rows_apart(dtype, step_x, cell, has_res, relu, gen):
     """Two output rows of one wide strip each: the second reads x x_gap and writes out (reads res) out_gap elements
-    after the first; every nonzero count (0 included) sums each row as the one-row strip would, and nothing
-    outside the two rows is written."""
+    after the first; within a row, output cells of `cell` floats read input cells step_x cells apart (a stride-2
+    conv's). Every nonzero count (0 included) sums each output as the one-row strip would, and nothing outside the
+    two rows is written."""
     rng = np.random.default_rng(int(gen.initial_seed()))
     width = kernels.WIDE_VECTORS * kernels.VECTOR_BYTES // np.dtype(dtype).itemsize
     x = rng.standard_normal(8000).astype(dtype)
     indices = rng.integers(0, 30, 23).astype(np.uint32)
     values = rng.standard_normal(23).astype(dtype)
-    x_gap, out_gap, o = 3 * width + 16, 2 * width + 48, 16
+    x_gap, out_gap, o = 3 * width * step_x + 16, 2 * width + 48, 16
+    t = np.arange(width)
+    reads = t // cell * cell * step_x + t % cell  # where output t of a row reads, from the row's first input cell
     for count in (0, 1, 7, 20):
         res = rng.standard_normal(600).astype(dtype)
         out = res.copy() if has_res else np.full(600, 7.0, dtype=dtype)
         before = out.copy()
         # the residual may be the output itself (a later channel block adds onto its partial sums)
-        _row_pair(x, 5, x_gap, indices, values, 2, 2 + count, 0.25, out, o, out_gap, out, has_res, relu)
+        _row_pair(x, 5, x_gap, indices, values, 2, 2 + count, 0.25, out, o, out_gap, out, has_res, relu, step_x, cell)
         for r in range(2):
-            expected = _reference(x, 5 + r * x_gap, 1, indices, values, 2, 2 + count, 0.25, width,
-                                  before, o + r * out_gap, has_res, relu)
+            expected = np.full(width, 0.25)
+            for k in range(2, 2 + count):
+                expected += float(values[k]) * x[5 + r * x_gap + int(indices[k]) + reads].astype(np.float64)
+            if has_res:
+                expected += before[o + r * out_gap:o + r * out_gap + width]
+            if relu:
+                expected = np.where(expected < 0, 0.0, expected)
             np.testing.assert_allclose(out[o + r * out_gap:o + r * out_gap + width], expected, rtol=1e-5, atol=1e-5)
         untouched = np.ones(600, bool)
         untouched[o:o + width] = untouched[o + out_gap:o + out_gap + width] = False
