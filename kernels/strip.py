@@ -184,7 +184,7 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
                 if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
             row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
             w = splat(builder.load(builder.gep(val_ptr, [kk])))
-            if two_rows:  # vectors n_vec/2.. one row on; within a row, cells cell_stride cells apart
+            if gapped or two_rows:  # vectors n_vec/2.. gap on; within each half, cells cell_stride cells apart
                 half = n_vec // 2
                 far = builder.gep(row, [gap_v])
 
@@ -193,12 +193,6 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
                 return [builder.call(fma, [w, load(builder.gep(row if v < half else far,
                                                                [ir.Constant(i64, offset(v % half))]), v, zero), acc])
                         for v, acc in enumerate(accs)]
-            if gapped:  # vectors n_vec/2.. one cell on
-                half = n_vec // 2
-                far = builder.gep(row, [gap_v])
-                return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]) if v < half else
-                                                   builder.gep(far, [ir.Constant(i64, n_lanes * (v - half))]), v, zero),
-                                           acc]) for v, acc in enumerate(accs)]
             return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
                     for v, acc in enumerate(accs)]
 

@@ -930,7 +930,8 @@ LANE_MIN_BATCH = 16
 # Numba targets AVX-512; on AVX2, where 8 spill (kernels.strip), 6.
 LANE_STRIP_VECTORS = 8 if kernels.AVX512 else 6
 LANE_CO_BLOCK = 64         # output channels a lane-conv work item computes over its cells
-# Output rows a stride-1 lanes conv's work item covers, where AVX-512's registers hold two rows' wide strips
+# Output rows a work item covers in a lanes conv whose cells read adjacent input cells (stride 1 along the row),
+# where AVX-512's registers hold two rows' wide strips
 # (kernels.strip.row_pair_strip): each nonzero's index and weight then serve 16 vectors, and an input-channel
 # block's window is 4 input rows for 2 output rows.
 LANE_ITEM_ROWS = 2 if kernels.AVX512 else 1
