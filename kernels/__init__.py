@@ -5,7 +5,7 @@ import numba
 # twins, which crashed (SIGSEGV) when loaded from the disk cache before any parallel launch.
 numba.get_num_threads()
 
-from .conv import (GRID_BORDER, PADDING, grid_conv_par, grid_conv_seq, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
+from .conv import (GRID_BORDER, PADDING, shift_table, grid_conv_par, grid_conv_seq, gather_columns_par, gather_columns_seq, im2col_table, pack_input_par, pack_input_seq,
                    private_gather_gemm_par, private_gather_gemm_seq,
                    sparse_conv_par, sparse_conv_seq, tap_offsets)
 from .layout import rows_to_features_par, rows_to_features_seq
@@ -49,7 +49,7 @@ def _drop_stale_cache():
 _drop_stale_cache()
 
 __all__ = [
-    "GRID_BORDER", "PADDING", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq",
+    "GRID_BORDER", "PADDING", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "pack_input_par", "pack_input_seq", "shift_table",
     "private_gather_gemm_par", "private_gather_gemm_seq",
     "sparse_conv_par", "sparse_conv_seq", "tap_offsets",
     "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_spmm_blocked_par", "csr_spmm_blocked_seq", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par",

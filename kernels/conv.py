@@ -11,6 +11,7 @@ import numpy as np
 from numba import get_thread_id, njit, prange
 
 from ._jit import OPTIONS, relu_or_identity, thread_count, twin
+from .layout import masked_move
 from .strip import STRIP_VECTORS, VECTOR_BYTES, row_strip
 
 # Zero cells around each image of a grid activation (see `_grid_conv`): the padding of the 3x3 'same'
@@ -162,8 +163,12 @@ def tap_offsets(chan, dy, dx, row_len: int, wq: int):
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
-def _gather_channels(planes, table, out, c0, c1):
-    """out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING, for channels c0 <= c < c1."""
+def _gather_channels(planes, table, out, c0, c1, shifted):
+    """out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING, for channels c0 <= c < c1;
+    from a `shift_table` where shifted."""
+    if shifted:
+        _gather_shifted(planes, table, out, c0, c1)
+        return
     taps = table.shape[0]
     n_pix = table.shape[1]
     plane_len, row_len = planes.shape[1], out.shape[1]
@@ -183,17 +188,66 @@ def _gather_channels(planes, table, out, c0, c1):
                 dst_flat[dst + np.uintp(p)] = 0.0 if pad else v
 
 
-def _gather_columns(planes, table, out):
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _gather_shifted(planes, shifts, out, c0, c1):
+    """`_gather_channels` from a `shift_table`: per channel, tap and 16 outputs, one masked load and store."""
+    taps = shifts.shape[0]
+    n_vec = shifts.shape[1] // 3
+    plane_len, row_len = planes.shape[1], out.shape[1]
+    src_flat, dst_flat = planes.reshape(-1), out.reshape(-1)
+    for t in range(taps):  # channels inner: a tap's masks and shift serve every channel
+        for j in range(n_vec):
+            start = np.int64(np.int32(shifts[t, 3 * j]))  # may lie before the plane: those lanes are left out
+            keep, n = np.int64(shifts[t, 3 * j + 1]), np.int64(shifts[t, 3 * j + 2])
+            dst = t * row_len + j * SHIFT_LANES
+            for c in range(c0, c1):
+                masked_move(src_flat, c * plane_len + start, dst_flat, c * taps * row_len + dst, keep, n)
+
+
+SHIFT_LANES = 16  # float32 outputs per masked move (kernels.layout.masked_move)
+
+
+def shift_table(table: np.ndarray):
+    """An im2col table in shift form, or None where it has none.
+
+    A stride-1 conv whose output has its input's size (3x3 pad 1, 1x1) reads, for tap t, input pixel p + shift_t for
+    output pixel p wherever it reads a pixel at all: each tap's row is then its input shifted, with the padding
+    lanes zeroed, and a masked load and store move 16 of its values at once (~0.05 ns a value against ~0.5-0.9 for
+    the lookup of each, which took three quarters of a 4x4 map's conv at batch 1).
+    Out: u32[taps, 3 * n_vec], per 16 outputs j: the first input pixel (int32 bits), the lanes that read a pixel
+    (bit mask), and how many outputs the row has there (16, fewer in the last)."""
+    taps, n_pix = table.shape
+    n_vec = -(-n_pix // SHIFT_LANES)
+    pixel = np.arange(n_pix, dtype=np.int64)
+    out = np.zeros((taps, n_vec, 3), np.int64)
+    first = np.arange(n_vec, dtype=np.int64) * SHIFT_LANES
+    for t in range(taps):
+        reads = table[t] != PADDING
+        shift = table[t][reads].astype(np.int64) - pixel[reads]
+        if shift.size and (shift != shift[0]).any():
+            return None
+        padded = np.zeros(n_vec * SHIFT_LANES, bool)
+        padded[:n_pix] = reads
+        out[t, :, 0] = first + (shift[0] if shift.size else 0)
+        out[t, :, 1] = padded.reshape(n_vec, SHIFT_LANES) @ (1 << np.arange(SHIFT_LANES, dtype=np.int64))
+        out[t, :, 2] = np.minimum(SHIFT_LANES, n_pix - first)
+    if np.abs(out[:, :, 0]).max(initial=0) >= 2 ** 31:
+        return None
+    return out.astype(np.int32).view(np.uint32).reshape(taps, 3 * n_vec)
+
+
+def _gather_columns(planes, table, out, shifted):
     """im2col: out[c*taps + t, p] = planes[c, table[t, p]], or 0 where table holds PADDING.
 
     In: planes[C, N*H*W] (a CNHW activation, unpadded), table[taps, P] from `im2col_table`.
     Out: out[C*taps, >= P] (the first P columns written). One table lookup per value and no branch, and no
-    packed copy of the input is needed (per-pixel bounds logic ran at ~2 ns per value on 4x4 maps)."""
+    packed copy of the input is needed (per-pixel bounds logic ran at ~2 ns per value on 4x4 maps). Where
+    shifted, table is the `shift_table` of such a table."""
     n_chan = planes.shape[0]
     # Channel chunks, one per thread: a reshape per call costs ~35 ns, more than a 1x1 map's channel.
     n_chunks = min(n_chan, thread_count())
     for chunk in prange(n_chunks):
-        _gather_channels(planes, table, out, chunk * n_chan // n_chunks, (chunk + 1) * n_chan // n_chunks)
+        _gather_channels(planes, table, out, chunk * n_chan // n_chunks, (chunk + 1) * n_chan // n_chunks, shifted)
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
@@ -215,7 +269,8 @@ def _split_row(indptr, part, n_parts):
     return lo
 
 
-def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, residual, has_residual, relu, out):
+def _private_gather_gemm(planes, table, shifted, cols, indptr, indices, data, bias, residual, has_residual, relu,
+                         out):
     """im2col and its CSR SpMM in one parallel region: each thread gathers every column into its own copy,
     then computes its share of the output channels from it (an equal share of the nonzeros).
 
@@ -225,7 +280,7 @@ def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, resid
     vCPUs do for minutes at a time (torchvision resnet18 global-98 at batch 1: 0.35 ms -> 0.70; round
     trip between the cores 55 -> 330 ns, bench/RESULTS.md).
 
-    In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns`; cols[parts, C*taps, >= P] (scratch,
+    In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns` (its `shift_table` where shifted); cols[parts, C*taps, >= P] (scratch,
     one copy per part; the serial twin runs the parts in turn, so the plan gives it one); the CSR of the conv
     (rows = out channels, columns c*taps + t). Out: out[Cout, P] = relu?(bias + W cols + residual); residual
     like out (read unless has_residual)."""
@@ -234,7 +289,7 @@ def _private_gather_gemm(planes, table, cols, indptr, indices, data, bias, resid
     width = STRIP_VECTORS * VECTOR_BYTES // cols.itemsize
     for part in prange(n_parts):
         mine = cols[part]
-        _gather_channels(planes, table, mine, 0, planes.shape[0])
+        _gather_channels(planes, table, mine, 0, planes.shape[0], shifted)
         row_len = mine.shape[1]
         for i in range(_split_row(indptr, part, n_parts), _split_row(indptr, part + 1, n_parts)):
             if n_pix == 1:  # a 1x1 map: one dot product (a strip would fill one lane of a vector)
@@ -257,7 +312,7 @@ private_gather_gemm_par, private_gather_gemm_seq = twin(_private_gather_gemm)
 sparse_conv_par, sparse_conv_seq = twin(_sparse_conv)
 grid_conv_par, grid_conv_seq = twin(_grid_conv)
 
-__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "private_gather_gemm_par", "private_gather_gemm_seq", "sparse_conv_par", "sparse_conv_seq"]
+__all__ = ["GRID_BORDER", "grid_conv_par", "grid_conv_seq", "gather_columns_par", "gather_columns_seq", "im2col_table", "tap_offsets", "pack_input_par", "pack_input_seq", "private_gather_gemm_par", "private_gather_gemm_seq", "shift_table", "sparse_conv_par", "sparse_conv_seq"]
 
 
 PADDING = np.uint32(0xFFFFFFFF)  # im2col table entry for a pixel that reads zero padding

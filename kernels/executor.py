@@ -16,7 +16,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic
 
 from ._jit import OPTIONS, relu_or_identity, thread_count, twin
-from .conv import (GRID_BORDER, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
+from .conv import (GRID_BORDER, SHIFT_LANES, gather_columns_par, gather_columns_seq, grid_conv_par, grid_conv_seq, pack_input_par, pack_input_seq,
                    private_gather_gemm_par, private_gather_gemm_seq,
                    sparse_conv_par, sparse_conv_seq)
 from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpool_seq, lane_conv_maxpool_par,
@@ -89,13 +89,20 @@ global_avgpool_par, global_avgpool_seq = twin(_global_avgpool)
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
-def _gather_gemm(planes, table, cols, indptr, indices, values, bias, res, has_res, relu, out, par):
+def _gather_gemm(planes, table, shifted, cols, indptr, indices, values, bias, res, has_res, relu, out, par):
     """GATHER_GEMM: one gather per thread beside its share of the product, or, run serially, one gather into
     the first copy and the whole product."""
     if par:
-        private_gather_gemm_par(planes, table, cols, indptr, indices, values, bias, res, has_res, relu, out)
+        private_gather_gemm_par(planes, table, shifted, cols, indptr, indices, values, bias, res, has_res, relu, out)
     else:
-        private_gather_gemm_seq(planes, table, cols[:1], indptr, indices, values, bias, res, has_res, relu, out)
+        private_gather_gemm_seq(planes, table, shifted, cols[:1], indptr, indices, values, bias, res, has_res, relu,
+                                out)
+
+
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _table_width(n_pix, shifted):
+    """Columns of an im2col conv's u32 table: one per pixel, or 3 per 16 pixels in shift form (conv.shift_table)."""
+    return 3 * ((n_pix + SHIFT_LANES - 1) // SHIFT_LANES) if shifted else n_pix
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
@@ -275,14 +282,17 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             else:
                 sparse_conv_seq(indptr, offsets, values, xq, p[10], p[11], bias, res, has_res, p[9] != 0, p[12],
                                 scratch, p[5], p[6], p[7], p[22] != 0, out)
-        elif code == IM2COL:  # p: activation (CNHW), plane_len (N*H*W), out, C, taps, P, table (u32 offset), row_len
+        elif code == IM2COL:
+            # p: activation (CNHW), plane_len (N*H*W), out, C, taps, P, table (u32 offset), row_len, shifted (1: the
+            #    table is in shift form)
             planes = arena[p[0]:p[0] + p[3] * p[1]].reshape((p[3], p[1]))
             cols = arena[p[2]:p[2] + p[3] * p[4] * p[7]].reshape((p[3] * p[4], p[7]))
-            table = u32[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5]))
+            width = _table_width(p[5], p[8] != 0)
+            table = u32[p[6]:p[6] + p[4] * width].reshape((p[4], width))
             if par:
-                gather_columns_par(planes, table, cols)
+                gather_columns_par(planes, table, cols, p[8] != 0)
             else:
-                gather_columns_seq(planes, table, cols)
+                gather_columns_seq(planes, table, cols, p[8] != 0)
         elif code == CONV_GEMM:
             # p: cols, rows, pixels, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, row_len,
             #    indices_u16 (1: indices live in u16)
@@ -295,18 +305,19 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 csr_spmm_dispatch(indptr, u32[p[8]:p[8] + p[9]], values, cols, bias, res, has_res, p[6] != 0, out, par)
         elif code == GATHER_GEMM:
             # p: activation (CNHW), plane_len (N*H*W), C, taps, P, table (u32), row_len, cols (one copy per part),
-            #    parts, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, indices_u16
+            #    parts, out, Cout, residual (-1: none), relu, indptr, indices, nnz, values, bias, indices_u16, shifted
             planes = arena[p[0]:p[0] + p[2] * p[1]].reshape((p[2], p[1]))
-            table = u32[p[5]:p[5] + p[3] * p[4]].reshape((p[3], p[4]))
+            width = _table_width(p[4], p[19] != 0)
+            table = u32[p[5]:p[5] + p[3] * width].reshape((p[3], width))
             cols = arena[p[7]:p[7] + p[8] * p[2] * p[3] * p[6]].reshape((p[8], p[2] * p[3], p[6]))
             out, res, has_res, indptr, values, bias = _product_operands(arena, u32, f32, p[9], p[10], p[4], p[11], p[13],
                                                                         p[15], p[16], p[17])
             if p[18]:
-                _gather_gemm(planes, table, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res, has_res,
-                             p[12] != 0, out, par)
+                _gather_gemm(planes, table, p[19] != 0, cols, indptr, u16[p[14]:p[14] + p[15]], values, bias, res,
+                             has_res, p[12] != 0, out, par)
             else:
-                _gather_gemm(planes, table, cols, indptr, u32[p[14]:p[14] + p[15]], values, bias, res, has_res,
-                             p[12] != 0, out, par)
+                _gather_gemm(planes, table, p[19] != 0, cols, indptr, u32[p[14]:p[14] + p[15]], values, bias, res,
+                             has_res, p[12] != 0, out, par)
         elif code == LINEAR_CSR or code == LINEAR_BSR:
             # p: in, out, in_f, out_f, B, relu, indptr, n_ptr, indices, n_idx, values, n_values, bias, br, bc,
             #    indices_u16 (1: indices live in u16), column blocks (0: plain CSR; else indptr is

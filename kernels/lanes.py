@@ -18,7 +18,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from ._jit import twin
-from .layout import TILE, transpose_tile
+from .layout import TILE, masked_move, transpose_tile
 from .strip import VECTOR_BYTES, WIDE_VECTORS, cell_pair_strip, row_pair_strip, wide_strip
 
 LANE_VECTOR = VECTOR_BYTES // 4  # float32 lanes per vector: the batch is padded to a multiple of it
@@ -147,27 +147,6 @@ def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out
                        has_add, relu, data, 0, False)
 
 
-@intrinsic
-def keep_lanes_copy(typingctx, arr, src, dst, keep):
-    """arr[dst + t] = arr[src + t] where bit t of keep is set, else 0, for t < 16: one unaligned load, a select
-    and a store (float32, flat C array; the 16 values read must lie inside arr)."""
-    if not isinstance(arr, types.Array) or arr.layout != "C" or arr.dtype != types.float32:
-        raise TypingError(f"keep_lanes_copy: arr must be a C-contiguous float32 array, got {arr}")
-    sig = types.void(arr, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        arr_v, src_v, dst_v, keep_v = args
-        vec = ir.VectorType(ir.FloatType(), LANE_VECTOR)
-        ptr = context.make_array(signature.args[0])(context, builder, arr_v).data
-        values = builder.load(builder.bitcast(builder.gep(ptr, [src_v]), vec.as_pointer()), align=4)
-        mask = builder.bitcast(builder.trunc(keep_v, ir.IntType(LANE_VECTOR)), ir.VectorType(ir.IntType(1), LANE_VECTOR))
-        kept = builder.select(mask, values, ir.Constant(vec, None))
-        builder.store(kept, builder.bitcast(builder.gep(ptr, [dst_v]), vec.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(inline="always", nogil=True)
 def write_halo(plane, sy, x0, n, th, tw, tiles_x, keep):
     """Copy cells x0 .. x0 + n - 1 of frame row sy (interior) of a tiled lanes plane (`_to_tiles`: 16 tiles, one
@@ -183,11 +162,12 @@ def write_halo(plane, sy, x0, n, th, tw, tiles_x, keep):
         dst = (sy + dy * th) * wq * LANE_VECTOR
         if dy != 0:
             for sx in range(x0, x0 + n):
-                keep_lanes_copy(plane, src + sx * LANE_VECTOR, dst + sx * LANE_VECTOR, keep[(dy + 1) * 3 + 1])
+                masked_move(plane, src + sx * LANE_VECTOR, plane, dst + sx * LANE_VECTOR, keep[(dy + 1) * 3 + 1], LANE_VECTOR)
         if x0 <= tw < x0 + n:  # the last cell: the left border cell of the tile to the right
-            keep_lanes_copy(plane, src + tw * LANE_VECTOR - 1, dst, keep[(dy + 1) * 3])
+            masked_move(plane, src + tw * LANE_VECTOR - 1, plane, dst, keep[(dy + 1) * 3], LANE_VECTOR)
         if x0 <= 1 < x0 + n:  # the first cell: the right border cell of the tile to the left
-            keep_lanes_copy(plane, src + LANE_VECTOR + 1, dst + (wq - 1) * LANE_VECTOR, keep[(dy + 1) * 3 + 2])
+            masked_move(plane, src + LANE_VECTOR + 1, plane, dst + (wq - 1) * LANE_VECTOR, keep[(dy + 1) * 3 + 2],
+                        LANE_VECTOR)
 
 
 def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual, has_residual, relu, out, wq_out,

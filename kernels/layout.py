@@ -10,9 +10,48 @@ from numba import prange, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._jit import twin
+from ._jit import declare_function, twin
+from .strip import splat_int
 
 TILE = 16
+
+
+@intrinsic
+def masked_move(typingctx, src, s0, dst, d0, keep, n):
+    """dst[d0 + t] = src[s0 + t] where bit t of keep is set, else 0, for t < min(n, 16); nothing else is written.
+
+    float32, flat C arrays. One masked load and one masked store: the lanes keep leaves out are never read, so
+    s0 may sit before src's first element or run past its last where those lanes are left out (a shifted copy
+    of a row whose taps fall into the padding: `conv.shift_table`)."""
+    for name, a in (("src", src), ("dst", dst)):
+        if not isinstance(a, types.Array) or a.layout != "C" or a.dtype != types.float32:
+            raise TypingError(f"masked_move: {name} must be a C-contiguous float32 array, got {a}")
+    sig = types.void(src, types.intp, dst, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_v, s0_v, dst_v, d0_v, keep_v, n_v = args
+        vec = ir.VectorType(ir.FloatType(), TILE)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        mask_ty = ir.VectorType(ir.IntType(1), TILE)
+        mod = builder.module
+        mload = declare_function(mod, "llvm.masked.load.v16f32.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
+        mstore = declare_function(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
+        src_ptr = context.make_array(signature.args[0])(context, builder, src_v).data
+        dst_ptr = context.make_array(signature.args[2])(context, builder, dst_v).data
+        lane = ir.Constant(ir.VectorType(i64, TILE), list(range(TILE)))
+        inside = builder.icmp_signed("<", lane, splat_int(builder, n_v, TILE))
+        kept = builder.and_(inside, builder.bitcast(builder.trunc(keep_v, ir.IntType(TILE)), mask_ty))
+        align = ir.Constant(i32, 4)
+        values = builder.call(mload, [builder.gep(src_ptr, [s0_v]), align, kept, ir.Constant(vec, None)])
+        dst_at = builder.gep(dst_ptr, [d0_v])
+        with builder.if_else(builder.icmp_signed(">=", n_v, ir.Constant(i64, TILE))) as (full, part):
+            with full:  # a plain store where all 16 lanes are written
+                builder.store(values, builder.bitcast(dst_at, vec.as_pointer()), align=4)
+            with part:
+                builder.call(mstore, [values, dst_at, align, inside])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -72,4 +111,4 @@ def _rows_to_features(src, dst):
 
 rows_to_features_par, rows_to_features_seq = twin(_rows_to_features)
 
-__all__ = ["rows_to_features_par", "rows_to_features_seq", "transpose_tile"]
+__all__ = ["masked_move", "rows_to_features_par", "rows_to_features_seq", "transpose_tile"]

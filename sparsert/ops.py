@@ -285,7 +285,7 @@ def _conv2d_im2col(x, layer, residual, relu, out, out_h, out_w):
     planes = x.detach().transpose(0, 1).contiguous().view(n_chan, -1)  # CNHW: free for our own outputs
     table = layer.im2col_table(n_img, height, width, out_h, out_w)
     cols = torch.empty(table.shape[0] * n_chan, packed_row_len(pixels), dtype=x.dtype)  # pixels used per row
-    (kernels.gather_columns_par if par else kernels.gather_columns_seq)(planes.numpy(), table, cols.numpy())
+    (kernels.gather_columns_par if par else kernels.gather_columns_seq)(planes.numpy(), table, cols.numpy(), False)
     indptr, indices, _, _, _, values, bias = layer.numba_arrays()
     out2d = out.view(layer.out_channels, pixels)
     has_residual = residual is not None

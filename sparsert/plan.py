@@ -766,6 +766,9 @@ def drop_dead_taps(indptr, indices, values, taps: int, live, compact: bool):
 # against 0.46 (paired, bench/RESULTS.md), and 0.356 against 0.321 with both on one die. Gathers big enough
 # to split keep the split: gathering twice as much cost CIFAR ResNet18 at batch 1 1-3.5% on one die.
 PRIVATE_GATHER = True
+# A stride-1 'same' conv's columns are its input shifted per tap (kernels.shift_table): gathered 16 values at a time
+# by masked moves instead of a table lookup per value.
+SHIFTED_GATHER = True
 
 
 def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, values, bias, relu, kernel_size, stride,
@@ -793,18 +796,22 @@ def _lower_im2col_conv(b: _Builder, off_in, shape, res_off, indptr, indices, val
     # input as it lies and the product reads it there (torchvision resnet18 at batch 1: layer 4's 2 us gathers
     # beside 2 us products, global-98).
     gathered = not _reads_itself(table, n * h * w, row_len)
+    shifts = kernels.shift_table(table) if SHIFTED_GATHER else None
+    if shifts is not None:
+        table = shifts
     if gathered and PRIVATE_GATHER and threads > 1 and b.runs_parallel(product_work) and \
             not b.runs_parallel(gather_work):
         cols = b.alloc(threads * c * n_live * row_len)
         b.emit(ex.GATHER_GEMM, product_work, off_in, n * h * w, c, n_live, pixels, b.weights_u32(table),
                row_len, cols, threads, out, out_channels, res_off, int(relu), b.weights_u32(indptr), idx_off,
-               len(values), b.weights_f32(values), b.weights_f32(bias), idx_u16)
+               len(values), b.weights_f32(values), b.weights_f32(bias), idx_u16, int(shifts is not None))
         b.free(cols)
         return result
     cols, rows = off_in, c
     if gathered:
         cols, rows = b.alloc(c * n_live * row_len), c * n_live
-        b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len)
+        b.emit(ex.IM2COL, gather_work, off_in, n * h * w, cols, c, n_live, pixels, b.weights_u32(table), row_len,
+               int(shifts is not None))
     b.emit(ex.CONV_GEMM, product_work, cols, rows, pixels, out, out_channels, res_off, int(relu),
            b.weights_u32(indptr), idx_off, len(values), b.weights_f32(values), b.weights_f32(bias), row_len, idx_u16)
     if gathered:

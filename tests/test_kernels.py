@@ -658,22 +658,85 @@ def test_spmm_dispatch_single_column_matches_dense(parallel, has_residual, relu,
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [16, 9, 1, 0])
+def test_masked_move_writes_n_lanes_and_zeroes_the_left_out(n, gen):
+    """kernels.layout.masked_move: lanes < n get the source value where keep has their bit and 0 elsewhere, lanes
+    from n on keep what they held; a source start before the array's first element reads only kept lanes."""
+    from numba import njit
+    from sparsert.kernels.layout import masked_move
+
+    @njit
+    def move(src, s0, dst, d0, keep, count):
+        masked_move(src, s0, dst, d0, keep, count)
+
+    src = torch.randn(40, generator=gen).numpy()
+    keep = 0b1011_0000_1111_0110
+    dst = np.full(24, np.nan, np.float32)
+    move(src, 5, dst, 3, keep, n)
+    lanes = np.arange(16)
+    kept = (keep >> lanes) & 1 == 1
+    expected = np.full(24, np.nan, np.float32)
+    expected[3:3 + n] = np.where(kept, src[5:21], 0.0)[:n]
+    np.testing.assert_array_equal(dst, expected)
+    dst = np.full(16, np.nan, np.float32)
+    move(src, -4, dst, 0, 0xFFF0, 16)  # lanes 0-3 would read before src: left out, so never read
+    np.testing.assert_array_equal(dst, np.concatenate([np.zeros(4, np.float32), src[:12]]))
+
+
+@pytest.mark.parametrize("images,hw,kernel,stride,pad,shifted", [
+    (1, (8, 8), 3, 1, 1, True), (2, (5, 7), 3, 1, 1, True), (1, (4, 4), 1, 1, 0, True), (1, (1, 1), 3, 1, 1, True),
+    (1, (8, 8), 3, 2, 1, False), (1, (6, 6), 3, 1, 0, False), (1, (6, 6), 3, 1, 2, False)])
+def test_shift_table_covers_exactly_the_same_size_stride1_tables(images, hw, kernel, stride, pad, shifted):
+    """A table has a shift form where each tap reads pixel p + shift for output p (stride 1, output the input's
+    size); then per 16 outputs it holds the first pixel read, the lanes that read one and the outputs there, and
+    replaying it gives the table back. A strided, shrinking ('valid') or growing conv has none."""
+    h, w = hw
+    out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    table = kernels.im2col_table(images, h, w, out_h, out_w, (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4)
+    shifts = kernels.shift_table(table)
+    assert (shifts is not None) == shifted
+    if shifts is None:
+        return
+    taps, n_pix = table.shape
+    n_vec = -(-n_pix // 16)
+    assert shifts.shape == (taps, 3 * n_vec) and shifts.dtype == np.uint32
+    rows = shifts.reshape(taps, n_vec, 3)
+    replayed = np.full((taps, n_vec * 16), int(kernels.PADDING), np.int64)
+    for t in range(taps):
+        for j in range(n_vec):
+            first, keep, count = int(rows[t, j, 0].view(np.int32)), int(rows[t, j, 1]), int(rows[t, j, 2])
+            assert count == min(16, n_pix - 16 * j)
+            for lane in range(count):
+                if keep >> lane & 1:
+                    replayed[t, 16 * j + lane] = first + lane
+            assert keep >> count == 0  # no lane past the row's end reads
+    np.testing.assert_array_equal(replayed[:, :n_pix], table.astype(np.int64))
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3])
-@pytest.mark.parametrize("hw,stride,kernel", [((1, 1), 1, 3), ((2, 2), 1, 3), ((4, 4), 1, 3), ((7, 5), 2, 3),
-                                              ((6, 6), 1, 1)])
+@pytest.mark.parametrize("images,hw,stride,kernel", [(1, (1, 1), 1, 3), (1, (2, 2), 1, 3), (1, (4, 4), 1, 3),
+                                                     (1, (7, 5), 2, 3), (1, (6, 6), 1, 1), (1, (8, 8), 1, 3),
+                                                     (3, (5, 7), 1, 3)])
 @pytest.mark.parametrize("has_residual,relu", [(False, False), (True, True)])
 @pytest.mark.parametrize("twin", ["par", "seq"])
-def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residual, relu, twin, gen):
+@pytest.mark.parametrize("form", ["lookup", "shifted"])
+def test_private_gather_gemm_matches_dense(parts, images, hw, stride, kernel, has_residual, relu, twin, form, gen):
     """im2col and its SpMM in one parallel region, each part gathering into its own copy of the columns (more
     parts than threads run in turn, as all do in the serial twin): every output channel equals the dense
-    product of the weights and the gathered columns, and each part that ran holds the whole column matrix."""
+    product of the weights and the gathered columns, and each part that ran holds the whole column matrix.
+    The shifted form (a stride-1 'same' conv's table as `shift_table`: masked moves of 16 values) gathers the
+    same columns, over rows of 1-105 pixels, several images and a last vector of 1-15 pixels."""
     h, w = hw
     pad = kernel // 2
     out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
-    table = kernels.im2col_table(1, h, w, out_h, out_w, (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4)
+    table = kernels.im2col_table(images, h, w, out_h, out_w, (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4)
     taps, pixels = table.shape
+    shifts = kernels.shift_table(table)
+    assert (shifts is None) == (stride != 1)
+    if form == "shifted" and shifts is None:
+        return  # a strided conv's rows are no shifted copies of its input: only the lookup form applies
     n_chan, n_out = 6, 11
-    planes = torch.randn(n_chan, h * w, generator=gen).numpy()
+    planes = torch.randn(n_chan, images * h * w, generator=gen).numpy()
     dense_t = sparse_matrix((n_out, n_chan * taps), 0.3, gen)
     dense_t[3] = 0.0  # an empty output channel: bias (and residual) only
     csr = CSR.from_dense(dense_t)
@@ -682,8 +745,8 @@ def test_private_gather_gemm_matches_dense(parts, hw, stride, kernel, has_residu
     cols = np.full((parts, n_chan * taps, pixels + 3), np.nan, np.float32)  # rows padded, as the plan pads them
     out = np.full((n_out, pixels), np.nan, np.float32)
     run = kernels.private_gather_gemm_par if twin == "par" else kernels.private_gather_gemm_seq
-    run(planes, table, cols, _ix(csr.indptr), _ix(csr.indices), np.asarray(csr.data), bias, residual, has_residual,
-        relu, out)
+    run(planes, shifts if form == "shifted" else table, form == "shifted", cols, _ix(csr.indptr), _ix(csr.indices),
+        np.asarray(csr.data), bias, residual, has_residual, relu, out)
     padded = np.concatenate([np.zeros((n_chan, 1), np.float32), planes], axis=1)  # table's PADDING -> 0
     gathered = padded[:, np.where(table == kernels.PADDING, 0, table.astype(np.int64) + 1)].reshape(n_chan * taps, pixels)
     expected = dense_t.numpy().astype(np.float64) @ gathered + bias[:, None]

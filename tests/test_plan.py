@@ -446,24 +446,30 @@ def _grid_ops(plan):
 
 
 @pytest.mark.parametrize("private", [True, False])
-def test_small_gathers_before_a_parallel_product_run_once_per_thread(monkeypatch, private):
+@pytest.mark.parametrize("shifted", [True, False])
+def test_small_gathers_before_a_parallel_product_run_once_per_thread(monkeypatch, private, shifted):
     """plan.PRIVATE_GATHER: a 3x3 conv on a 4x4 map at batch 1 whose gather is below PARALLEL_MIN_WORK and whose
     product is above it runs as one GATHER_GEMM op (each thread gathers its own copy of the columns) with more
-    than one thread, else as IM2COL + CONV_GEMM; both match torch over a NaN arena."""
+    than one thread, else as IM2COL + CONV_GEMM; both match torch over a NaN arena. plan.SHIFTED_GATHER: the
+    gathers move shifted rows (the ops' shift flag), or look each value up; the same outputs either way."""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
     force(monkeypatch, "im2col")
     monkeypatch.setattr(plan_module, "PRIVATE_GATHER", private)
+    monkeypatch.setattr(plan_module, "SHIFTED_GATHER", shifted)
     torch.manual_seed(0)
     model = nn.Sequential(_masked(nn.Conv2d(128, 128, 3, padding=1), 0.1), nn.ReLU(),
                           _masked(nn.Conv2d(128, 64, 3, padding=1), 0.1)).eval()
     x = torch.randn(1, 128, 4, 4)
     assert 128 * 9 * 16 < ops.PARALLEL_MIN_WORK <= 0.1 * 128 * 128 * 9 * 16 * 0.9
-    codes = sparsert.sparsify(model).plan_for(x).ops[:, 0].tolist()
+    ops_ = sparsert.sparsify(model).plan_for(x).ops
+    codes = ops_[:, 0].tolist()
     if private and numba.config.NUMBA_NUM_THREADS > 1:
         assert codes.count(ex.GATHER_GEMM) == 2 and ex.IM2COL not in codes
+        assert [row[2 + 19] for row in ops_ if row[0] == ex.GATHER_GEMM] == [int(shifted)] * 2
     else:
         assert codes.count(ex.IM2COL) == 2 and ex.GATHER_GEMM not in codes
+        assert [row[2 + 8] for row in ops_ if row[0] == ex.IM2COL] == [int(shifted)] * 2
     torch.testing.assert_close(_run_on_nan_arena(sparsert.sparsify(model), x), model(x), rtol=1e-4, atol=1e-4)
 
 
