@@ -33,6 +33,8 @@ def multiply_adds(op) -> int:
     code, p = int(op[0]), op[2:]
     if code == ex.LANE_CONV:  # nnz x output rows x cells a row x lanes
         return int(p[19] * p[11] * p[12] * p[13])
+    if code == ex.TAP_CONV:  # nnz x pixels
+        return int(p[10] * p[6] * p[7])
     if code == ex.GRID_CONV:  # nnz x cells per image x images
         return int(p[14] * p[9] * p[10])
     if code == ex.CONV:  # nnz x grid positions (images x padded rows x padded row length)

@@ -24,6 +24,7 @@ from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpo
                     lane_maxpool_par, lane_maxpool_seq, to_lanes_par, to_lanes_seq, zero_border_par, zero_border_seq,
                     from_tiles_par, from_tiles_seq, to_tiles_par, to_tiles_seq)
 from .layout import rows_to_features_par, rows_to_features_seq
+from .taps import TAPS as _TAPS, tap_conv_par, tap_conv_seq
 from .sliced import sliced_matvec
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_blocked_seq, csr_spmm_dispatch
 
@@ -31,7 +32,7 @@ from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_b
 NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4, 5, 6
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
-TO_TILES, FROM_TILES, GATHER_GEMM = 23, 24, 25
+TO_TILES, FROM_TILES, GATHER_GEMM, TAP_CONV = 23, 24, 25, 26
 N_PARAMS = 30
 
 
@@ -97,6 +98,14 @@ def _gather_gemm(planes, table, shifted, cols, indptr, indices, values, bias, re
     else:
         private_gather_gemm_seq(planes, table, shifted, cols[:1], indptr, indices, values, bias, res, has_res, relu,
                                 out)
+
+
+@njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
+def _tap_conv(x, bounds, chans, values, bias, res, has_res, relu, height, width, out, par):
+    if par:
+        tap_conv_par(x, bounds, chans, values, bias, res, has_res, relu, height, width, out)
+    else:
+        tap_conv_seq(x, bounds, chans, values, bias, res, has_res, relu, height, width, out)
 
 
 @njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
@@ -174,6 +183,21 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             else:
                 grid_conv_seq(indptr, offsets, values, x_grid, p[7], bias, res, has_res, p[6] != 0, mask, p[10], p[11],
                               out)
+        elif code == TAP_CONV:
+            # p: x (CNHW, batch 1), C_in, out, C_out, residual (-1: none), relu, H, W, bounds (u32 [C_out * 9 + 1]),
+            #    channels, nnz, values, bias, channels_u16 (1: the channels live in u16)
+            n_pix = p[6] * p[7]
+            x_maps = arena[p[0]:p[0] + p[1] * n_pix].reshape((p[1], n_pix))
+            out = arena[p[2]:p[2] + p[3] * n_pix].reshape((p[3], n_pix))
+            has_res = p[4] >= 0
+            res = arena[p[4]:p[4] + p[3] * n_pix].reshape((p[3], n_pix)) if has_res else out
+            bounds, values, bias = u32[p[8]:p[8] + p[3] * _TAPS + 1], f32[p[11]:p[11] + p[10]], f32[p[12]:p[12] + p[3]]
+            if p[13]:
+                _tap_conv(x_maps, bounds, u16[p[9]:p[9] + p[10]], values, bias, res, has_res, p[5] != 0, p[6], p[7],
+                          out, par)
+            else:
+                _tap_conv(x_maps, bounds, u32[p[9]:p[9] + p[10]], values, bias, res, has_res, p[5] != 0, p[6], p[7],
+                          out, par)
         elif code == TO_LANES:  # p: in (CNHW), out, C, N, H, W, border, lanes, plane
             n_chan, n_img, height, width = p[2], p[3], p[4], p[5]
             src = arena[p[0]:p[0] + n_chan * n_img * height * width]

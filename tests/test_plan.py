@@ -34,8 +34,9 @@ def _masked(module, density, seed=0):
 
 
 def force(monkeypatch, path):
-    """Make every conv take one algorithm, whatever its size (in a plan too: grid or im2col)."""
+    """Make every conv take one algorithm, whatever its size (in a plan too: grid or im2col, never the tap conv)."""
     from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "TAP_CONV", False)
     monkeypatch.setattr(ops, "IM2COL_MAX_PIXELS", 10**9 if path == "im2col" else -1)
     for module, name in ((ops, "IM2COL_GATHER_COST"), (plan_module, "GRID_GATHER_COST")):
         monkeypatch.setattr(module, name, -float("inf") if path == "im2col" else float("inf"))
@@ -499,12 +500,13 @@ def test_a_conv_whose_pixels_read_themselves_takes_its_columns_from_the_input(mo
     torch.testing.assert_close(_run_on_nan_arena(sparsert.sparsify(model), x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_plan_runs_small_stride1_maps_on_the_grid_where_eager_takes_im2col():
+def test_plan_runs_small_stride1_maps_on_the_grid_where_eager_takes_im2col(monkeypatch):
     """plan.GRID_GATHER_COST: a 10%-dense 64-channel 3x3 conv on an 8x8 map at batch 1 (torchvision resnet18's
     layer1 on 32x32 input) runs grid to grid in a plan, where the eager op's cost model picks im2col (the grid
     conv reads its taps in place; its im2col gathers ran 1.3x slower whole calls on Zen 4)."""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
+    monkeypatch.setattr(plan_module, "TAP_CONV", False)  # which takes these maps first
     conv = _masked(nn.Conv2d(64, 64, 3, padding=1), 0.1)
     model = nn.Sequential(conv, nn.ReLU(), _masked(nn.Conv2d(64, 64, 3, padding=1), 0.1)).eval()
     x = torch.randn(1, 64, 8, 8)
