@@ -24,8 +24,8 @@ from sparsert.convert import sparsify
 from sparsert.kernels import executor as ex
 from sparsert.timing import fastest_seconds
 
-OP_NAMES = {getattr(ex, name): name.lower() for name in dir(ex)
-            if name.isupper() and name != "N_PARAMS" and isinstance(getattr(ex, name), int)}
+OP_NAMES = {getattr(ex, name): name.lower() for name in dir(ex)  # the op codes: public upper-case ints
+            if name.isupper() and name[0] != "_" and name != "N_PARAMS" and isinstance(getattr(ex, name), int)}
 
 
 def multiply_adds(op) -> int:
