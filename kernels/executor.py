@@ -257,7 +257,7 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
         elif code == LANE_CONV_MAXPOOL:
             # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
             #    lanes, cells_per_strip, block bounds (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,
-            #    pool stride, pool pad, pooled OH, pooled OW, co_block, scratch, scratch rows (threads)
+            #    pool stride, pool pad, pooled OH, pooled OW, co_block, scratch, scratch rows (threads), item rows
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             bounds = u32[p[14]:p[14] + p[4] * 2 * p[15]].reshape((p[4], 2 * p[15]))
@@ -267,11 +267,11 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             if par:
                 zero_border_par(out, 0, p[23] + 2, p[23] + 2, p[24] + 2, 1, p[12])
                 lane_conv_maxpool_par(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
-                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
+                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch, p[28])
             else:
                 zero_border_seq(out, 0, p[23] + 2, p[23] + 2, p[24] + 2, 1, p[12])
                 lane_conv_maxpool_seq(bounds, offsets, values, x_lanes, p[7], p[8], p[9], bias, p[6] != 0, p[10],
-                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch)
+                                      p[11], p[12], p[13], p[25], p[20], p[21], p[22], out, p[23], p[24], scratch, p[28])
         elif code == LANE_MAXPOOL:
             # p: in, out, C, H, W, OH, OW, kernel, stride, pad, lanes, plane_in, plane_out (border 1 in and out)
             src = arena[p[0]:p[0] + p[2] * p[11]].reshape((p[2], p[11]))

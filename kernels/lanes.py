@@ -229,7 +229,7 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
 
 
 def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, relu, conv_h, conv_w, lanes,
-                       cells_per_strip, co_block, kernel, stride, pad, out, out_h, out_w, scratch):
+                       cells_per_strip, co_block, kernel, stride, pad, out, out_h, out_w, scratch, item_rows):
     """out = maxpool(relu?(conv(x))): a lanes conv (as `_lane_conv`, whole map, no residual) whose only reader is
     a max pool, fused so that the conv's map never reaches the arena.
 
@@ -240,26 +240,37 @@ def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, r
     Work items: co_block output channels. Their conv maps go to the thread's scratch row (torchvision resnet18's
     stem at batch 64: 64 KB a channel, kept in L2), computed cell by cell with the channels innermost so that
     they all read the cell's input window from L1, then pooled from there. Unfused, that stem wrote a 5.3 MB map
-    which the pool read back: both ran at memory speed."""
+    which the pool read back: both ran at memory speed. Rows go item_rows at a time: two rows' strips in one
+    `row_pair_strip` where both fill a whole one, as in `_lane_conv`."""
     n_out = out.shape[0]
     n_blocks = bounds.shape[1] // 2
     map_len = conv_h * conv_w * lanes
+    wide = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
     zero = data[:0].sum()  # 0 in the weights' dtype
     for item in prange((n_out + co_block - 1) // co_block):
         co_first = item * co_block
         n_co = min(co_block, n_out - co_first)
         maps = scratch[get_thread_id()]
-        for oy in range(conv_h):
+        for oy in range(0, conv_h, item_rows):
+            n_rows = min(item_rows, conv_h - oy)
             for ox in range(0, conv_w, cells_per_strip):
                 n_cells = min(cells_per_strip, conv_w - ox)
+                paired = n_rows == 2 and n_cells * lanes == wide and (step_x == 1 or (step_x == 2 and lanes <= 64))
                 src = (origin + oy * step_y + ox * step_x) * lanes
                 for b in range(n_blocks):
                     first, last = b == 0, b == n_blocks - 1
                     for i in range(n_co):
                         co = co_first + i
                         dst = i * map_len + (oy * conv_w + ox) * lanes
-                        cells_strip(x, src, step_x, lanes, n_cells, offsets, data, bounds[co, 2 * b], bounds[co, 2 * b + 1],
-                                    bias[co] if first else zero, maps, dst, maps, not first, relu and last)
+                        k0, k1 = bounds[co, 2 * b], bounds[co, 2 * b + 1]
+                        init = bias[co] if first else zero
+                        if paired:
+                            row_pair_strip(x, src, step_y * lanes, offsets, data, k0, k1, init, maps, dst,
+                                           conv_w * lanes, maps, not first, relu and last, step_x, lanes)
+                        else:
+                            for r in range(n_rows):
+                                cells_strip(x, src + r * step_y * lanes, step_x, lanes, n_cells, offsets, data, k0, k1,
+                                            init, maps, dst + r * conv_w * lanes, maps, not first, relu and last)
         for i in range(n_co):
             for oy in range(out_h):
                 pool_row(maps, i * map_len, conv_h, conv_w, conv_w * lanes, kernel, stride, pad, oy, out_w, lanes,

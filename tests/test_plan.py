@@ -703,7 +703,8 @@ def test_lane_network_matches_dense_over_a_nan_arena(batch, regions, monkeypatch
 @pytest.mark.skipif(not kernels_avx512(), reason="row pairs need AVX-512's 32 registers")
 @pytest.mark.parametrize("batch", [16, 33])
 def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch):
-    """A lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS, LANE_STRIDED_ITEM_ROWS at stride 2: one
+    """A lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS, LANE_STRIDED_ITEM_ROWS at stride 2,
+    POOLED_ITEM_ROWS in a conv fused with its max pool: one
     row_pair_strip where both rows fill a wide strip, the rows one by one elsewhere: odd heights, short segments). Each output is the same
     sum in the same order as with one row an item, so the two plans agree bit for bit, over a NaN arena."""
     from sparsert import plan as plan_module
@@ -714,8 +715,10 @@ def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch
     paired = sparse.plan_for(x)
     convs = paired.ops[paired.ops[:, 0] == ex.LANE_CONV]
     strided = convs[:, 2 + 10] != 1  # step_x
+    stem = paired.ops[paired.ops[:, 0] == ex.LANE_CONV_MAXPOOL]  # the stride-2 stem fused with its pool
     if batch == 16:  # (48 lanes, batch 33: a wide strip holds 2 cells, 96 lanes: never a whole 8-vector one)
         assert (convs[~strided, 2 + 29] == 2).any() and (convs[strided, 2 + 29] == 2).any()
+        assert len(stem) == 1 and stem[0, 2 + 28] == 2  # (POOLED_ITEM_ROWS: 15 rows, 13 cells of 16 lanes)
     out = _run_on_nan_arena(sparse, x)
     sparse.__dict__["_plans"].clear()
     monkeypatch.setattr(plan_module, "LANE_ITEM_ROWS", 1)
@@ -724,6 +727,13 @@ def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch
     assert (single.ops[single.ops[:, 0] == ex.LANE_CONV][:, 2 + 29] == 1).all()
     assert torch.equal(_run_on_nan_arena(sparse, x), out)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    # The fused stem one row at a time: its lone rows' 16-lane cells go two to a gapped strip, whose 2 accumulator
+    # sets sum in another order than the pair strip's one, so the same within rounding.
+    sparse.__dict__["_plans"].clear()
+    monkeypatch.setattr(plan_module, "POOLED_ITEM_ROWS", 1)
+    single = sparse.plan_for(x)
+    assert (single.ops[single.ops[:, 0] == ex.LANE_CONV_MAXPOOL][:, 2 + 28] == 1).all()
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), out, rtol=1e-5, atol=1e-5)
 
 
 def test_every_op_names_the_layer_it_was_lowered_from(monkeypatch):
