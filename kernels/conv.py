@@ -212,7 +212,7 @@ def shift_table(table: np.ndarray):
 
     A stride-1 conv whose output has its input's size (3x3 pad 1, 1x1) reads, for tap t, input pixel p + shift_t for
     output pixel p wherever it reads a pixel at all: each tap's row is then its input shifted, with the padding
-    lanes zeroed, and a masked load and store move 16 of its values at once (~0.05 ns a value against ~0.5-0.9 for
+    lanes zeroed, and a masked load and store move 16 of its values at once (~0.1 ns a value against ~0.35-0.85 for
     the lookup of each, which took three quarters of a 4x4 map's conv at batch 1).
     Out: u32[taps, 3 * n_vec], per 16 outputs j: the first input pixel (int32 bits), the lanes that read a pixel
     (bit mask), and how many outputs the row has there (16, fewer in the last)."""
