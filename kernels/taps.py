@@ -160,6 +160,23 @@ def _tap_conv(x, bounds, chans, values, bias, residual, has_residual, relu, heig
                             has_residual, relu)
 
 
+def phase_columns(columns: np.ndarray, kernel_size, pads) -> np.ndarray:
+    """A stride-2 conv's CSR columns (c * kh * kw + ky * kw + kx) as columns of the stride-1 tap conv over its input's
+    stride phases (`kernels.conv` pack, stride 2, no padding: channel c * 4 + py * 2 + px holds input pixels
+    (2 y + py, 2 x + px), a map of the output's size): tap (ky, kx) reads input row 2 y + ky - pad, i.e. phase row
+    py = (ky - pad) mod 2 shifted by dy = (ky - pad - py) / 2, likewise for columns. Kernels of at most 3 and pads of
+    at most 1 keep every shift within -1..1."""
+    (kh, kw), pad_top, pad_left = kernel_size, pads[0], pads[2]
+    columns = np.asarray(columns, np.int64)
+    chan, tap = columns // (kh * kw), columns % (kh * kw)
+    ry, rx = tap // kw - pad_top, tap % kw - pad_left
+    py, px = ry % 2, rx % 2
+    dy, dx = (ry - py) // 2, (rx - px) // 2
+    if kh > 3 or kw > 3 or np.abs(dy).max(initial=0) > 1 or np.abs(dx).max(initial=0) > 1:
+        raise ValueError(f"phase_columns: kernel {kernel_size} with pads {pads} shifts phases by more than one pixel")
+    return (chan * 4 + py * 2 + px) * TAPS + (dy + 1) * 3 + dx + 1
+
+
 def tap_order(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
     """A 3x3 conv's CSR (columns c * 9 + t) as the tap conv reads it: (bounds[C_out * 9 + 1], channels, values),
     each row's nonzeros sorted by tap, then channel; tap t of row co holds bounds[co * 9 + t] .. bounds[co * 9 + t + 1]."""
@@ -176,4 +193,4 @@ def tap_order(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
 
 tap_conv_par, tap_conv_seq = twin(_tap_conv)
 
-__all__ = ["TAP_MAPS", "TAPS", "tap_conv_par", "tap_conv_seq", "tap_order"]
+__all__ = ["TAP_MAPS", "TAPS", "phase_columns", "tap_conv_par", "tap_conv_seq", "tap_order"]

@@ -841,17 +841,52 @@ GRID_GATHER_COST = 12.0
 TAP_CONV = True
 
 
+# ... and a stride-2 conv (3x3 pad 1, or 1x1: a ResNet's downsampling pair) whose output is one of these maps: the tap
+# conv over its input's four stride phases, one pack shared by both convs of the pair (kernels.taps.phase_columns).
+# CIFAR ResNet18 at batch 1 (Zen 4, A/B against the gathers and the direct conv): layer3.0.conv1 (16x16 -> 8x8) 0.58x
+# the time at global-98, 0.94x at 90%. Not to 4x4 maps: the pack of 8x8 phases (an element-wise loop, 27 us for 256
+# channels) made layer4.0.conv1 1.4-1.8x slower, and torchvision resnet18's layer2.0.conv1 1.7x.
+STRIDED_TAP_MAPS = ((8, 8),)
+STRIDED_TAP_CONV = True
+
+
 def _runs_tap_conv(m, n: int, h: int, w: int) -> bool:
-    """A batch-1 3x3 stride-1 pad-1 sparse conv on a map the tap conv is compiled for."""
-    return (TAP_CONV and isinstance(m, SparseConv2d) and m.format == "csr" and m.padding_mode == "zeros" and n == 1
-            and (h, w) in kernels.TAP_MAPS and m.kernel_size == (3, 3) and m.stride == (1, 1)
-            and m.dilation == (1, 1) and m.pads == (1, 1, 1, 1))
+    """A batch-1 sparse conv the tap conv computes: 3x3 stride 1 pad 1 on a map it is compiled for, or (stride 2)
+    3x3 pad 1 or 1x1 pad 0 on a map of twice such a size."""
+    if not (TAP_CONV and isinstance(m, SparseConv2d) and m.format == "csr" and m.padding_mode == "zeros" and n == 1
+            and m.dilation == (1, 1)):
+        return False
+    same = (m.kernel_size == (3, 3) and m.pads == (1, 1, 1, 1))
+    if m.stride == (1, 1):
+        return same and (h, w) in kernels.TAP_MAPS
+    return (STRIDED_TAP_CONV and m.stride == (2, 2) and h % 2 == 0 and w % 2 == 0 and (h // 2, w // 2) in STRIDED_TAP_MAPS
+            and (same or (m.kernel_size == (1, 1) and m.pads == (0, 0, 0, 0))))
+
+
+def _phases(b: _Builder, buf):
+    """A batch-1 4-D activation's four stride-2 phases as CNHW maps of half its size (channel c * 4 + py * 2 + px
+    holds pixels (2 y + py, 2 x + px)), packed once: the copy lives as long as buf."""
+    key = (buf[0], "phases")
+    if key not in b.converted:
+        off_in, _, (c, n, h, w) = _cnhw(b, buf)
+        size = c * 4 * (h // 2) * (w // 2)
+        off = b.alloc(size)
+        b.emit(ex.PACK, size, off_in, off, c, n, h, w, 0, 0, 2, 2, h // 2, w // 2, (h // 2) * (w // 2), 0, 0)
+        b.converted[key] = (off, "cnhw", (c * 4, n, h // 2, w // 2))
+    return b.converted[key]
 
 
 def _lower_tap_conv(b: _Builder, m: SparseConv2d, src, res):
-    """CNHW to CNHW, each output channel's taps summed over whole input maps and shifted in registers."""
+    """CNHW to CNHW, each output channel's taps summed over whole input maps and shifted in registers; a strided
+    conv's over its input's stride phases."""
+    columns = m.indices.numpy()
+    if m.stride == (2, 2):
+        src = _phases(b, src)
+        columns = kernels.phase_columns(columns, m.kernel_size, m.pads)
+    else:
+        src = _cnhw(b, src)
     c, n, h, w = src[2]
-    bounds, chans, values = kernels.tap_order(m.indptr.numpy(), m.indices.numpy(), m.values.detach().numpy())
+    bounds, chans, values = kernels.tap_order(m.indptr.numpy(), columns, m.values.detach().numpy())
     out = b.alloc(m.out_channels * h * w)
     chan_off, chan_u16 = b.indices(chans)
     b.emit(ex.TAP_CONV, m.nnz * h * w, src[0], c, out, m.out_channels, -1 if res is None else res[0], int(m.relu),
@@ -917,7 +952,7 @@ def _lower_conv(b: _Builder, m: SparseConv2d, node, buffers):
         res = _cnhw(b, res)
     im2col = ops.uses_im2col(n, out_h, out_w, hq, wq, m.out_channels, m.density)
     if _runs_tap_conv(m, n, h, w):
-        return _lower_tap_conv(b, m, _cnhw(b, src), None if res is None else _cnhw(b, res))
+        return _lower_tap_conv(b, m, src, None if res is None else _cnhw(b, res))
     if _runs_on_grid(m, n, h, w):
         return _lower_grid_conv(b, m, _grid(b, src), None if res is None else _grid(b, res))
     if im2col:

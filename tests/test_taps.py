@@ -133,3 +133,61 @@ def test_plan_tap_conv_serial_table_gives_the_same_result(monkeypatch):
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(results[0], model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,pad", [(3, 1), (1, 0)])
+@pytest.mark.parametrize("hw", kernels.TAP_MAPS)
+def test_phase_columns_turn_a_stride2_conv_into_a_tap_conv_over_phases(kernel, pad, hw, gen):
+    """A stride-2 conv (3x3 pad 1, 1x1) equals the tap conv over its input's four stride phases (channel c * 4 +
+    py * 2 + px holding pixels (2 y + py, 2 x + px)) with its columns remapped by phase_columns."""
+    c_in, c_out = 7, 10
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=gen)
+    weight *= torch.rand(c_out, c_in, kernel, kernel, generator=gen) < 0.5
+    x = torch.randn(1, c_in, 2 * hw[0], 2 * hw[1], generator=gen)
+    bias = torch.randn(c_out, generator=gen)
+    csr = CSR.from_dense(weight.reshape(c_out, -1))
+    columns = kernels.phase_columns(np.asarray(csr.indices), (kernel, kernel), (pad,) * 4)
+    bounds, chans, values = kernels.tap_order(np.asarray(csr.indptr), columns, np.asarray(csr.data))
+    phases = torch.stack([x[0, :, py::2, px::2] for py in (0, 1) for px in (0, 1)], dim=1)  # [C, 4, H/2, W/2]
+    maps = phases.reshape(c_in * 4, hw[0] * hw[1]).numpy().copy()
+    out = np.full((c_out, hw[0] * hw[1]), np.nan, np.float32)
+    kernels.tap_conv_seq(maps, bounds, chans.astype(np.uint16), values.astype(np.float32), bias.numpy(), out, False,
+                         False, hw[0], hw[1], out)
+    expected = nn.functional.conv2d(x, weight, bias, stride=2, padding=pad)
+    torch.testing.assert_close(torch.from_numpy(out).reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_phase_columns_refuse_shifts_past_one_pixel():
+    with pytest.raises(ValueError, match="more than one pixel"):
+        kernels.phase_columns(np.arange(25), (5, 5), (2, 2, 2, 2))
+
+
+class _Downsample(nn.Module):
+    """A ResNet block that halves the map: 3x3 stride-2 conv, 3x3 conv, plus a 1x1 stride-2 shortcut."""
+
+    def __init__(self, c_in, c_out, density):
+        super().__init__()
+        self.conv1 = _masked(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), density)
+        self.conv2 = _masked(nn.Conv2d(c_out, c_out, 3, padding=1), density, seed=1)
+        self.down = _masked(nn.Conv2d(c_in, c_out, 1, stride=2), density, seed=2)
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.down(x))
+
+
+@pytest.mark.parametrize("size,strided", [(16, True), (8, False)])
+def test_plan_runs_batch1_stride2_convs_over_shared_phases(monkeypatch, size, strided):
+    """plan.STRIDED_TAP_MAPS: at batch 1 a block halving a 16x16 map to 8x8 runs its stride-2 3x3 conv and its 1x1
+    shortcut as tap convs over one shared pack of the input's stride phases (three TAP_CONV ops, one PACK); halving
+    an 8x8 map to 4x4 keeps the strided convs elsewhere (only conv2 is a tap conv). Both match torch over a NaN
+    arena."""
+    from sparsert.kernels import executor as ex
+    torch.manual_seed(0)
+    model = _Downsample(24, 40, 0.2).eval()
+    x = torch.randn(1, 24, size, size)
+    sparse = sparsert.sparsify(model)
+    codes = sparse.plan_for(x).ops[:, 0].tolist()
+    assert codes.count(ex.TAP_CONV) == (3 if strided else 1)
+    if strided:
+        assert codes.count(ex.PACK) == 1 and ex.IM2COL not in codes and ex.GATHER_GEMM not in codes
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
