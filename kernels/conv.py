@@ -280,9 +280,9 @@ def _private_gather_gemm(planes, table, shifted, cols, indptr, indices, data, bi
     vCPUs do for minutes at a time (torchvision resnet18 global-98 at batch 1: 0.35 ms -> 0.70; round
     trip between the cores 55 -> 330 ns, bench/RESULTS.md).
 
-    In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns` (its `shift_table` where shifted); cols[parts, C*taps, >= P] (scratch,
-    one copy per part; the serial twin runs the parts in turn, so the plan gives it one); the CSR of the conv
-    (rows = out channels, columns c*taps + t). Out: out[Cout, P] = relu?(bias + W cols + residual); residual
+    In: planes[C, N*H*W] and table[taps, P] as in `_gather_columns` (its `shift_table` where shifted);
+    cols[parts, C*taps, >= P] (scratch, one copy per part; the serial twin runs the parts in turn, so the plan gives
+    it one); the CSR of the conv (rows = out channels, columns c*taps + t). Out: out[Cout, P] = relu?(bias + W cols + residual); residual
     like out (read unless has_residual)."""
     n_parts = min(cols.shape[0], thread_count())
     n_pix = out.shape[1]

@@ -35,7 +35,8 @@ def masked_move(typingctx, src, s0, dst, d0, keep, n):
         mask_ty = ir.VectorType(ir.IntType(1), TILE)
         mod = builder.module
         mload = declare_function(mod, "llvm.masked.load.v16f32.p0", vec, [ir.PointerType(), i32, mask_ty, vec])
-        mstore = declare_function(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(), [vec, ir.PointerType(), i32, mask_ty])
+        mstore = declare_function(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                  [vec, ir.PointerType(), i32, mask_ty])
         src_ptr = context.make_array(signature.args[0])(context, builder, src_v).data
         dst_ptr = context.make_array(signature.args[2])(context, builder, dst_v).data
         lane = ir.Constant(ir.VectorType(i64, TILE), list(range(TILE)))

@@ -179,7 +179,8 @@ def phase_columns(columns: np.ndarray, kernel_size, pads) -> np.ndarray:
 
 def tap_order(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
     """A 3x3 conv's CSR (columns c * 9 + t) as the tap conv reads it: (bounds[C_out * 9 + 1], channels, values),
-    each row's nonzeros sorted by tap, then channel; tap t of row co holds bounds[co * 9 + t] .. bounds[co * 9 + t + 1]."""
+    each row's nonzeros sorted by tap, then channel; tap t of row co holds bounds[co * 9 + t] up to
+    bounds[co * 9 + t + 1]."""
     indptr = np.asarray(indptr, np.int64)
     indices = np.asarray(indices, np.int64)
     n_out = len(indptr) - 1
