@@ -331,8 +331,10 @@ SPLIT_MIN_SHARE = 32
 # ... and only where a share's activations (its arena) outweigh half the weights, which every core then
 # streams whole. A/B at batch 64 (split / per-op, medians of paired turns): torchvision resnet18 98% 1.35x
 # (arena / weights 2.0), global-98 1.04x (0.68); CIFAR ResNet18 90% 1.09x (0.69), 98% 1.05x (3.6), global-98
-# 1.05x (10); torchvision resnet18 90% 0.90x (0.40: 7 MB of weights against 2.8 MB).
-SPLIT_MIN_ARENA_PER_WEIGHT = 0.5
+# 1.05x (10); torchvision resnet18 90% 0.90x (0.40: 7 MB of weights against 2.8 MB). Those on the Xeon. On the Zen 4,
+# with row pairs and bands, torchvision resnet18 90% (a share's arena 2.69 MB against 5.28 MB of weights: 0.51, split
+# by a hair at 0.5) ran split in 0.50x the per-op plan's time (one die; two dies alike), so the floor is 0.25.
+SPLIT_MIN_ARENA_PER_WEIGHT = 0.25
 # A split plan's lanes convs run depth-first in bands of output rows of about this many bytes, at least one row
 # (sparsert.bands; 0: one whole map after another). CIFAR ResNet18 per-layer 98% at batch 64 (AMD EPYC Zen 3,
 # 512 KB L2, 32 MB L3; paired whole calls, fastest): 129.5 ms whole maps; 256 KB (one row, 278 KB, a band in
