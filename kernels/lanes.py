@@ -148,6 +148,22 @@ def cells_strip(x, src, step_x, lanes, n_cells, offsets, data, k0, k1, init, out
 
 
 @njit(inline="always", nogil=True)
+def rows_strip(x, src, x_row, step_x, lanes, n_rows, n_cells, offsets, data, k0, k1, init, out, dst, out_row, add,
+               has_add, relu):
+    """`cells_strip` over n_rows (1 or 2) output rows' segments, row r reading x from src + r * x_row and writing out
+    (reading add) at dst + r * out_row: both rows in one `row_pair_strip` where each fills a whole WIDE_VECTORS
+    strip (stride 1, or 2 at up to 64 lanes), else row by row."""
+    wide = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
+    if n_rows == 2 and n_cells * lanes == wide and (step_x == 1 or (step_x == 2 and lanes <= 64)):
+        row_pair_strip(x, src, x_row, offsets, data, k0, k1, init, out, dst, out_row, add, has_add, relu, step_x,
+                       lanes)
+    else:
+        for r in range(n_rows):
+            cells_strip(x, src + r * x_row, step_x, lanes, n_cells, offsets, data, k0, k1, init, out, dst + r * out_row,
+                        add, has_add, relu)
+
+
+@njit(inline="always", nogil=True)
 def write_halo(plane, sy, x0, n, th, tw, tiles_x, keep):
     """Copy cells x0 .. x0 + n - 1 of frame row sy (interior) of a tiled lanes plane (`_to_tiles`: 16 tiles, one
     per lane) to the halo cells that hold them: a tile's first row is the bottom border of the tile above it, its
@@ -194,7 +210,6 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
     n_blocks = bounds.shape[1] // 2
     segments = (out_w + cells_per_strip - 1) // cells_per_strip
     blocks = (n_out + co_block - 1) // co_block
-    wide = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
     zero = data[:0].sum()  # 0 in the weights' dtype
     # output rows outermost: a static split gives each thread rows
     for item in prange((out_h + item_rows - 1) // item_rows * segments * blocks):
@@ -203,7 +218,6 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
         oy = item // blocks // segments * item_rows
         n_rows = min(item_rows, out_h - oy)
         n_cells = min(cells_per_strip, out_w - ox)
-        paired = n_rows == 2 and n_cells * lanes == wide and (step_x == 1 or (step_x == 2 and lanes <= 64))
         src = (origin + oy * step_y + ox * step_x) * lanes
         dst = (out_origin + oy * wq_out + ox) * lanes
         for b in range(n_blocks):
@@ -214,14 +228,9 @@ def _lane_conv(bounds, offsets, data, x, origin, step_y, step_x, bias, residual,
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
                 row = co * out.shape[1] + dst
                 init = bias[co] if first else zero
-                k0, k1 = bounds[co, 2 * b], bounds[co, 2 * b + 1]
-                if paired:
-                    row_pair_strip(x, src, step_y * lanes, offsets, data, k0, k1, init, out, row, wq_out * lanes, add,
-                                   has_residual or not first, relu and last, step_x, lanes)
-                else:
-                    for r in range(n_rows):
-                        cells_strip(x, src + r * step_y * lanes, step_x, lanes, n_cells, offsets, data, k0, k1, init,
-                                    out, row + r * wq_out * lanes, add, has_residual or not first, relu and last)
+                rows_strip(x, src, step_y * lanes, step_x, lanes, n_rows, n_cells, offsets, data, bounds[co, 2 * b],
+                           bounds[co, 2 * b + 1], init, out, row, wq_out * lanes, add, has_residual or not first,
+                           relu and last)
         if tiles_x:  # a tiled map (whole tile, out_origin its first interior cell): its halo, from the final values
             for co in range(block * co_block, min(n_out, (block + 1) * co_block)):
                 for r in range(n_rows):
@@ -240,12 +249,11 @@ def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, r
     Work items: co_block output channels. Their conv maps go to the thread's scratch row (torchvision resnet18's
     stem at batch 64: 64 KB a channel, kept in L2), computed cell by cell with the channels innermost so that
     they all read the cell's input window from L1, then pooled from there. Unfused, that stem wrote a 5.3 MB map
-    which the pool read back: both ran at memory speed. Rows go item_rows at a time: two rows' strips in one
-    `row_pair_strip` where both fill a whole one, as in `_lane_conv`."""
+    which the pool read back: both ran at memory speed. Rows go item_rows at a time (`rows_strip`), as in
+    `_lane_conv`."""
     n_out = out.shape[0]
     n_blocks = bounds.shape[1] // 2
     map_len = conv_h * conv_w * lanes
-    wide = WIDE_VECTORS * VECTOR_BYTES // x.itemsize
     zero = data[:0].sum()  # 0 in the weights' dtype
     for item in prange((n_out + co_block - 1) // co_block):
         co_first = item * co_block
@@ -255,22 +263,15 @@ def _lane_conv_maxpool(bounds, offsets, data, x, origin, step_y, step_x, bias, r
             n_rows = min(item_rows, conv_h - oy)
             for ox in range(0, conv_w, cells_per_strip):
                 n_cells = min(cells_per_strip, conv_w - ox)
-                paired = n_rows == 2 and n_cells * lanes == wide and (step_x == 1 or (step_x == 2 and lanes <= 64))
                 src = (origin + oy * step_y + ox * step_x) * lanes
                 for b in range(n_blocks):
                     first, last = b == 0, b == n_blocks - 1
                     for i in range(n_co):
                         co = co_first + i
                         dst = i * map_len + (oy * conv_w + ox) * lanes
-                        k0, k1 = bounds[co, 2 * b], bounds[co, 2 * b + 1]
-                        init = bias[co] if first else zero
-                        if paired:
-                            row_pair_strip(x, src, step_y * lanes, offsets, data, k0, k1, init, maps, dst,
-                                           conv_w * lanes, maps, not first, relu and last, step_x, lanes)
-                        else:
-                            for r in range(n_rows):
-                                cells_strip(x, src + r * step_y * lanes, step_x, lanes, n_cells, offsets, data, k0, k1,
-                                            init, maps, dst + r * conv_w * lanes, maps, not first, relu and last)
+                        rows_strip(x, src, step_y * lanes, step_x, lanes, n_rows, n_cells, offsets, data,
+                                   bounds[co, 2 * b], bounds[co, 2 * b + 1], bias[co] if first else zero, maps, dst,
+                                   conv_w * lanes, maps, not first, relu and last)
         for i in range(n_co):
             for oy in range(out_h):
                 pool_row(maps, i * map_len, conv_h, conv_w, conv_w * lanes, kernel, stride, pad, oy, out_w, lanes,
