@@ -11,7 +11,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from ._jit import declare_function, twin
-from .strip import splat_int
+from .strip import splat
 
 TILE = 16
 
@@ -40,7 +40,7 @@ def masked_move(typingctx, src, s0, dst, d0, keep, n):
         src_ptr = context.make_array(signature.args[0])(context, builder, src_v).data
         dst_ptr = context.make_array(signature.args[2])(context, builder, dst_v).data
         lane = ir.Constant(ir.VectorType(i64, TILE), list(range(TILE)))
-        inside = builder.icmp_signed("<", lane, splat_int(builder, n_v, TILE))
+        inside = builder.icmp_signed("<", lane, splat(builder, n_v, TILE))
         kept = builder.and_(inside, builder.bitcast(builder.trunc(keep_v, ir.IntType(TILE)), mask_ty))
         align = ir.Constant(i32, 4)
         values = builder.call(mload, [builder.gep(src_ptr, [s0_v]), align, kept, ir.Constant(vec, None)])

@@ -89,6 +89,28 @@ def _counted_loop(builder, k_from, k_to, step: int, inits, body):
     return _merge(builder, inits, entry, stepped, end)
 
 
+def sum_in_sets(builder, k0, k1, n_sets: int, first, zero, step):
+    """Emit the sum over nonzeros k0 <= k < k1 into vectors shaped like `first` (set 0's start; the other sets start
+    at `zero`): n_sets nonzeros a trip, each into its own set of accumulators (independent FMA chains), the sets
+    summed, then the remaining < n_sets nonzeros one by one. step(k, accs) -> accs adds nonzero k."""
+    n_vec, i64 = len(first), k0.type
+
+    def accumulate(k_from, k_to, inits):
+        """`for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]; the sets after it."""
+        flat = _counted_loop(builder, k_from, k_to, len(inits), [v for init in inits for v in init],
+                             lambda k, phis: [v for s in range(len(inits)) for v in step(
+                                 builder.add(k, ir.Constant(i64, s)), phis[s * n_vec:(s + 1) * n_vec])])
+        return [flat[s * n_vec:(s + 1) * n_vec] for s in range(len(inits))]
+
+    count = builder.sub(k1, k0)
+    k_main = builder.add(k0, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)), ir.Constant(i64, n_sets)))
+    sets = accumulate(k0, k_main, [list(first)] + [[zero] * n_vec] * (n_sets - 1))
+    total = sets[0]
+    for other in sets[1:]:
+        total = [builder.fadd(a, b) for a, b in zip(total, other)]
+    return accumulate(k_main, k1, [total])[0]
+
+
 def _epilogue(builder, results, lane_vectors, res_ptr, r_v, has_res_v, relu_v, mask_ptr, m_v, has_mask_v):
     """The strip's sums with the residual added, ReLU as `v < 0 ? 0 : v` (NaN stays NaN, as in torch) and the
     mask applied, in registers; lane_vectors(ptr, start) loads vectors shaped like results."""
@@ -154,15 +176,10 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
 
         x_ptr, idx_ptr, val_ptr, out_ptr, res_ptr, mask_ptr = data(0), data(3), data(4), data(8), data(11), data(15)
 
-        def splat(value):
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, n_lanes), [0] * n_lanes))
-
         # Lanes of the last vector inside n_valid; the others are full (row_strip picks n_vec so).
         n_last = builder.sub(n_v, ir.Constant(i64, n_lanes * (n_vec - 1)))
         lane_ids = ir.Constant(ir.VectorType(i64, n_lanes), list(range(n_lanes)))
-        last_mask = builder.icmp_signed("<", lane_ids, splat_int(builder, n_last, n_lanes))
+        last_mask = builder.icmp_signed("<", lane_ids, splat(builder, n_last, n_lanes))
         align = ir.Constant(i32, aty[0].dtype.bitwidth // 8)
 
         def load(ptr, v, passthru):
@@ -177,13 +194,13 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
                 builder.store(value, builder.bitcast(ptr, vec.as_pointer()), align=aty[0].dtype.bitwidth // 8)
 
         zero = ir.Constant(vec, None)
-        start = splat(init_v)
+        start = splat(builder, init_v, n_lanes)
 
         def fma_step(kk, accs):
             index = builder.zext(builder.load(builder.gep(idx_ptr, [kk])), i64) \
                 if aty[3].dtype.bitwidth < 64 else builder.load(builder.gep(idx_ptr, [kk]))
             row = builder.gep(x_ptr, [builder.add(x0_v, builder.mul(index, stride_v))])
-            w = splat(builder.load(builder.gep(val_ptr, [kk])))
+            w = splat(builder, builder.load(builder.gep(val_ptr, [kk])), n_lanes)
             if gapped or two_rows:  # vectors n_vec/2.. gap on; within each half, cells cell_stride cells apart
                 half = n_vec // 2
                 far = builder.gep(row, [gap_v])
@@ -196,24 +213,7 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
             return [builder.call(fma, [w, load(builder.gep(row, [ir.Constant(i64, n_lanes * v)]), v, zero), acc])
                     for v, acc in enumerate(accs)]
 
-        def accumulate(k_from, k_to, inits):
-            """Emit `for k in range(k_from, k_to, len(inits))`, set s adding nonzero k + s into inits[s]
-            ((k_to - k_from) a multiple of len(inits)); returns the sets after it (inits if it never ran)."""
-            flat = _counted_loop(builder, k_from, k_to, len(inits), [v for init in inits for v in init],
-                                 lambda k, phis: [v for s in range(len(inits)) for v in fma_step(
-                                     builder.add(k, ir.Constant(i64, s)), phis[s * n_vec:(s + 1) * n_vec])])
-            return [flat[s * n_vec:(s + 1) * n_vec] for s in range(len(inits))]
-
-        # n_sets nonzeros per trip into independent accumulator sets (FMA latency), summed, then the
-        # remaining < n_sets nonzeros one by one.
-        count = builder.sub(k1_v, k0_v)
-        k_main = builder.add(k0_v, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)),
-                                               ir.Constant(i64, n_sets)))
-        sets = accumulate(k0_v, k_main, [[start] * n_vec] + [[zero] * n_vec] * (n_sets - 1))
-        total = sets[0]
-        for other in sets[1:]:
-            total = [builder.fadd(a, b) for a, b in zip(total, other)]
-        results = accumulate(k_main, k1_v, [total])[0]
+        results = sum_in_sets(builder, k0_v, k1_v, n_sets, [start] * n_vec, zero, fma_step)
         def at(ptr, start, v):  # where output vector v sits (two rows: the second half out_gap further on)
             if two_rows and v >= n_vec // 2:
                 start, v = builder.add(start, out_gap_v), v - n_vec // 2
@@ -250,7 +250,8 @@ def _make_strip(n_vec: int, n_sets: int = 0, gapped: bool = False, whole: bool =
     return strip
 
 
-def splat_int(builder, value, n_lanes):
+def splat(builder, value, n_lanes):
+    """value in every lane of an n_lanes vector of its type."""
     vec = ir.VectorType(value.type, n_lanes)
     i32 = ir.IntType(32)
     one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))

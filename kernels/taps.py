@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from ._jit import declare_function, thread_count, twin
 from .conv import _split_row
-from .strip import _counted_loop, _epilogue, splat_int
+from .strip import _epilogue, splat, sum_in_sets
 
 TAPS = 9  # a 3x3 kernel's taps, row-major: t = (dy + 1) * 3 + (dx + 1), as im2col orders a CSR's columns
 TAP_MAPS = ((8, 8), (4, 4))  # (H, W) the kernel is compiled for: whole vectors, at most 4 (the sums' registers)
@@ -58,29 +58,11 @@ def _make_tap_row(height: int, width: int):
         def widen(value):
             return builder.zext(value, i64) if value.type.width < 64 else value
 
-        def splat(value):
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES),
-                                                                                           [0] * LANES))
-
         def fma_step(k, accs):  # nonzero k: its weight times the whole map of its channel
             row = builder.mul(widen(builder.load(builder.gep(chan_ptr, [k]))), plane_v)
-            w = splat(builder.load(builder.gep(val_ptr, [k])))
+            w = splat(builder, builder.load(builder.gep(val_ptr, [k])), LANES)
             return [builder.call(fma, [w, load_vec(x_ptr, builder.add(row, ir.Constant(i64, LANES * v))), acc])
                     for v, acc in enumerate(accs)]
-
-        def tap_sum(k0, k1):
-            """Y_t: n_sets nonzeros a trip into separate accumulators, summed, then the rest one by one."""
-            count = builder.sub(k1, k0)
-            k_main = builder.add(k0, builder.mul(builder.sdiv(count, ir.Constant(i64, n_sets)),
-                                                 ir.Constant(i64, n_sets)))
-            flat = _counted_loop(builder, k0, k_main, n_sets, [zero] * (n_sets * n_vec), lambda k, phis: [
-                v for s in range(n_sets)
-                for v in fma_step(builder.add(k, ir.Constant(i64, s)), phis[s * n_vec:(s + 1) * n_vec])])
-            total = flat[:n_vec]
-            for s in range(1, n_sets):
-                total = [builder.fadd(a, b) for a, b in zip(total, flat[s * n_vec:(s + 1) * n_vec])]
-            return _counted_loop(builder, k_main, k1, 1, total, lambda k, phis: fma_step(k, phis))
 
         def shifted(sums, dy, dx, j):
             """Output vector j's lanes of shift_t(Y_t): lane l reads pixel 16 j + l + s, or 0 where the tap falls
@@ -101,12 +83,12 @@ def _make_tap_row(height: int, width: int):
             mask = ir.Constant(ir.VectorType(ir.IntType(1), LANES), [int(k) for k in keep])
             return builder.select(mask, moved, zero)
 
-        accs = [splat(init_v)] * n_vec
+        accs = [splat(builder, init_v, LANES)] * n_vec
         for t, (dy, dx) in enumerate(taps):
             at = builder.add(b0_v, ir.Constant(i64, t))
             k0 = widen(builder.load(builder.gep(bound_ptr, [at])))
             k1 = widen(builder.load(builder.gep(bound_ptr, [builder.add(at, ir.Constant(i64, 1))])))
-            sums = tap_sum(k0, k1)
+            sums = sum_in_sets(builder, k0, k1, n_sets, [zero] * n_vec, zero, fma_step)  # Y_t
             accs = [builder.fadd(acc, shifted(sums, dy, dx, j)) for j, acc in enumerate(accs)]
         no_mask = ir.Constant(ir.IntType(1), 0)
         values = _epilogue(builder, accs, lambda ptr, start: [
