@@ -26,6 +26,7 @@ from .lanes import (from_lanes_par, from_lanes_seq, lane_avgpool_par, lane_avgpo
 from .layout import rows_to_features_par, rows_to_features_seq
 from .taps import TAPS as _TAPS, tap_conv_par, tap_conv_seq
 from .sliced import sliced_matvec
+from .unrolled import unrolled_conv_par, unrolled_conv_seq
 from .linear import bsr_spmm_par, bsr_spmm_seq, csr_spmm_blocked_par, csr_spmm_blocked_seq, csr_spmm_dispatch
 
 # Op codes; each row of the op table is [code, parallel, p0, p1, ...] (see sparsert/plan.py).
@@ -33,7 +34,7 @@ NCHW_TO_CNHW, ROWS_TO_FEATURES, PACK, CONV, LINEAR_CSR, LINEAR_BSR = 1, 2, 3, 4,
 MAXPOOL, GLOBAL_AVGPOOL, ADD, RELU, CNHW_TO_FEATURES, IM2COL, CONV_GEMM, GRID_CONV = 8, 9, 10, 11, 12, 13, 14, 15
 TO_LANES, FROM_LANES, LANE_CONV, LANE_MAXPOOL, LANE_AVGPOOL, LINEAR_SLICED, LANE_CONV_MAXPOOL = 16, 17, 18, 19, 20, 21, 22
 TO_TILES, FROM_TILES, GATHER_GEMM, TAP_CONV = 23, 24, 25, 26
-N_PARAMS = 30
+N_PARAMS = 32
 
 
 def _maxpool(x, kernel, stride, pad, out):
@@ -236,7 +237,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             #    nnz, values, bias, first output cell, output rows with border (0: leave the border, another region op zeroes it),
             #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9]),
             #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: sparsert.bands),
-            #    output rows a work item covers (1 or 2)
+            #    output rows a work item covers (1 or 2), the unrolled code's table (u32: groups, their address
+            #    words, their weight starts; -1: the strip kernels run) and its weights (f32, kernels.unrolled)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
@@ -244,7 +246,21 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
             offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
             keep = u32[p[26]:p[26] + 9]
-            if par:
+            if p[30] >= 0:
+                n_groups = u32[p[30]]
+                words = u32[p[30] + 1:p[30] + 1 + 2 * n_groups]
+                starts = u32[p[30] + 1 + 2 * n_groups:p[30] + 1 + 3 * n_groups]
+                if par:
+                    if p[23]:
+                        zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
+                    unrolled_conv_par(words, starts, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
+                                      out.reshape(-1), p[24], p[22], p[11], p[12], p[13])
+                else:
+                    if p[23]:
+                        zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
+                    unrolled_conv_seq(words, starts, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
+                                      out.reshape(-1), p[24], p[22], p[11], p[12], p[13])
+            elif par:
                 if p[23]:
                     zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
                 lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,

@@ -57,6 +57,7 @@ class Plan:
     input_shape: tuple
     parts: int = 1        # batch split: the ops run once per part, on its share of the batch (see batch_parts)
     part_len: int = 0     # float32 elements of one part's arena (its stride in the arena)
+    code: tuple = ()      # unrolled machine code the ops call (kernels.UnrolledCode): kept alive with the plan
     op_layers: tuple = ()  # per op row, the graph node it was lowered from: a module's name ("layer1.0.conv1"),
                            # a function node's ("add_1"), "input" or "output"; for per-layer profiles
 
@@ -201,6 +202,8 @@ class _Builder:
         self.layer = ""                                # the node being lowered: each emitted op row is labelled with it
         self.layers: list[str] = []                    # per op row, that label
         self.lane_rows: dict[int, bands.LaneRows] = {}  # LANE_CONV row -> the rows it reads and writes (bands.py)
+        self.unrolled: dict[int, tuple] = {}         # LANE_CONV row -> its CSR, to unroll once its flags are final
+        self.code: list = []                           # the plan's unrolled machine code (kernels.UnrolledCode)
 
     def alloc(self, size: int) -> int:
         """First-fit from freed blocks, else grow the arena. Sizes padded to 64 B."""
@@ -429,6 +432,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
     if output is None:
         raise Unsupported("no output")
     b.unread_borders()
+    _unroll(b)
     if b.serial and BAND_BYTES:
         b.rows, b.layers = bands.schedule(b.rows, b.layers, b.lane_rows, BAND_BYTES)
     part_len = b.arena + 16  # a multiple of 16 floats: every part starts on a cache line
@@ -438,7 +442,7 @@ def build_plan(gm: torch.fx.GraphModule, input_shape: tuple, parts: int = 1) -> 
                 u16=np.concatenate(b.u16) if b.u16 else np.zeros(1, np.uint16),
                 u8=np.concatenate(b.u8) if b.u8 else np.zeros(1, np.uint8),
                 arena_size=parts * part_len, output=output, input_shape=full_shape, parts=parts, part_len=part_len,
-                op_layers=tuple(b.layers))
+                op_layers=tuple(b.layers), code=tuple(b.code))
 
 
 def _arg(node, buffers, i=0):
@@ -1024,6 +1028,10 @@ LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each re
 LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
+# Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 24 output channels in registers.
+UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
+UNROLLED_MAX_CELLS = 256   # ... only on output maps of at most this many cells (16x16)
+UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps (2% ran slower on 16x16 maps)
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -1352,6 +1360,10 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             co_block = LANE_CO_BLOCK
             while co_block > 8 and -(-rows // item_rows) * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
                 co_block //= 2  # a small region still gives every thread work
+        csr = None
+        if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices), out_channels * c * int(live.sum())):
+            csr = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32), np.asarray(bias, np.float32),
+                   plane_out)
         bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
         offsets, r_values = offsets[order], np.asarray(r_values)[order]
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
@@ -1377,10 +1389,31 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
                b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1,
                hq_out if i == 0 and not tiled else 0, wq_out, TILES[1] if tiled else 0, _halo_masks(b) if tiled else 0,
-               0, hq_out, item_rows)
+               0, hq_out, item_rows, -1, 0)
+        if csr is not None:
+            b.unrolled[len(b.rows) - 1] = csr
     if tiled:
         return (out, "tiles", (out_channels, 1, *image_out)), False
     return (out, "lanes", (out_channels, n, out_h, out_w)), False
+
+
+def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
+    """Whether a lanes conv runs as unrolled machine code (kernels.unrolled) rather than the strip kernels."""
+    return bool(UNROLLED_CONV and kernels.unrolled_available() and lanes % kernels.LANE_VECTOR == 0
+                and out_cells <= UNROLLED_MAX_CELLS and nnz >= UNROLLED_MIN_DENSITY * max(1, live_weights))
+
+
+def _unroll(b: _Builder):
+    """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
+    residuals are final: per op, its table in u32 (groups, address words, weight starts) and weights in f32."""
+    for row, (indptr, positions, values, bias, plane_out) in b.unrolled.items():
+        p = b.rows[row][2:]
+        code, weights, starts = kernels.build_unrolled_conv(indptr, positions, values, bias, plane_out, p[6] >= 0,
+                                                            p[7] != 0)
+        b.code.append(code)
+        table = np.concatenate([[len(starts)], kernels.address_words(code), starts]).astype(np.uint32)
+        b.rows[row][2 + 30] = b.weights_u32(table)
+        b.rows[row][2 + 31] = b.weights_f32(weights)
 
 
 def _lower_grid_conv(b: _Builder, m: SparseConv2d, src, res):

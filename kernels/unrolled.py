@@ -1,0 +1,186 @@
+"""Per-layer machine code for the lanes conv: each nonzero weight unrolled into one AVX-512 instruction.
+
+The strip kernels (strip.py) hold one output channel's strip in registers and reload an input vector for
+every nonzero: one load per multiply-add. At batch 64 that load comes from L2 (a block's input window is
+larger than L1), and the strip conv tops out near 32 GMAC/s per core. Holding G output channels' vectors
+in registers instead lets one loaded input vector feed every nonzero of those channels at that input
+position (about G x density of them). Which registers a position feeds is the sparsity pattern itself, so
+the code is written per layer, the way sparse inference engines JIT their convs:
+
+    for each input position (channel, tap) that any of the G channels reads:
+        vmovups  zmm_x, [x + offset]                        ; one load
+        vfmadd231ps zmm_acc[j], zmm_x, [w + 4k]{1to16}      ; per nonzero: weight broadcast from memory
+
+then per channel: + residual, max(0, .) where relu, store. One function per group of G channels computes one
+16-lane vector of every output cell it is called for; the caller passes the strip's input, output, weight and
+residual pointers (offsets inside the layout are baked in as displacements).
+
+The encoder below writes these few EVEX instructions itself: LLVM took 2-4 s per 128-channel layer to compile
+the same code (bench/RESULTS.md), and writing bytes takes milliseconds. x86-64 with AVX-512F only (`available`);
+the code lives in an executable anonymous mapping owned by the `UnrolledCode` object.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+from ._jit import AVX512, twin
+
+ACCUMULATORS = 24  # output channels per group: zmm0..23 hold their vectors, zmm24.. the loaded input and zero
+_X, _ZERO = 24, 31
+# SysV argument registers: f(x, out, w, res)
+_RDI, _RSI, _RDX, _RCX = 7, 6, 2, 1
+# (map, pp, opcode): map 1 = 0F, 2 = 0F38; pp 0 = none, 1 = 66
+_VMOVUPS_LOAD, _VMOVUPS_STORE = (1, 0, 0x10), (1, 0, 0x11)
+_VFMADD231PS, _VBROADCASTSS = (2, 1, 0xB8), (2, 1, 0x18)
+_VADDPS, _VMAXPS, _VPXORD = (1, 0, 0x58), (1, 0, 0x5F), (1, 1, 0xEF)
+_RET, _VZEROUPPER = b"\xc3", b"\xc5\xf8\x77"
+
+
+def available() -> bool:
+    """Whether this machine can run the unrolled code (x86-64 Linux-style mmap with AVX-512F)."""
+    return AVX512 and platform.machine().lower() in ("x86_64", "amd64") and hasattr(mmap, "PROT_EXEC")
+
+
+def _evex(op, reg: int, vvvv: int, rm: int, memory: bool, disp: int = 0, broadcast: bool = False) -> bytes:
+    """One 512-bit EVEX instruction: ModRM.reg = zmm `reg`, EVEX.vvvv = zmm `vvvv` (0 where unused), and either
+    zmm `rm` (memory False) or [general register rm + disp32] (memory True; {1to16} where broadcast)."""
+    map_, pp, opcode = op
+    r, r2 = (reg >> 3) & 1, (reg >> 4) & 1
+    if memory:
+        if rm & 7 == 4:
+            raise ValueError("base registers needing a SIB byte (rsp, r12) are not encoded")
+        b, x = (rm >> 3) & 1, 0
+    else:
+        b, x = (rm >> 3) & 1, (rm >> 4) & 1
+    p0 = ((1 - r) << 7) | ((1 - x) << 6) | ((1 - b) << 5) | ((1 - r2) << 4) | map_
+    p1 = (((~vvvv) & 15) << 3) | 0x04 | pp  # W0
+    p2 = (0b10 << 5) | (int(broadcast) << 4) | ((1 - ((vvvv >> 4) & 1)) << 3)  # L'L = 512, no mask
+    if memory:
+        modrm = (0b10 << 6) | ((reg & 7) << 3) | (rm & 7)
+        return bytes((0x62, p0, p1, p2, opcode, modrm)) + int(disp).to_bytes(4, "little", signed=True)
+    modrm = (0b11 << 6) | ((reg & 7) << 3) | (rm & 7)
+    return bytes((0x62, p0, p1, p2, opcode, modrm))
+
+
+def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offsets: np.ndarray,
+               has_residual: bool, relu: bool) -> bytes:
+    """Machine code of one group: out[out_offsets[j]] = relu?(w[j] + sum over nonzeros k of channel j of
+    w[n_chan + k] * x[positions[k]] + res[out_offsets[j]]) for j < n_chan, each a 16-float vector (offsets in
+    floats). Nonzeros come sorted by position; owners[k] is nonzero k's channel."""
+    if not 0 < n_chan <= ACCUMULATORS:
+        raise ValueError(f"a group holds 1-{ACCUMULATORS} channels, got {n_chan}")
+    code = bytearray()
+    for j in range(n_chan):  # the bias, broadcast
+        code += _evex(_VBROADCASTSS, j, 0, _RDX, True, 4 * j)
+    previous = -1
+    for k in range(len(positions)):
+        position = int(positions[k])
+        if position != previous:
+            code += _evex(_VMOVUPS_LOAD, _X, 0, _RDI, True, 4 * position)
+            previous = position
+        code += _evex(_VFMADD231PS, int(owners[k]), _X, _RDX, True, 4 * (n_chan + k), broadcast=True)
+    if relu:
+        code += _evex(_VPXORD, _ZERO, _ZERO, _ZERO, False)
+    for j in range(n_chan):
+        if has_residual:
+            code += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
+        if relu:  # max(0, acc): where acc is NaN, vmaxps returns its second source, so NaN propagates as in torch
+            code += _evex(_VMAXPS, j, _ZERO, j, False)
+        code += _evex(_VMOVUPS_STORE, j, 0, _RSI, True, 4 * int(out_offsets[j]))
+    code += _VZEROUPPER + _RET
+    return bytes(code)
+
+
+class UnrolledCode:
+    """Functions laid out in one executable mapping; `addresses[i]` is function i's entry point."""
+
+    def __init__(self, functions: list):
+        if not available():
+            raise RuntimeError("unrolled code needs x86-64 with AVX-512F")
+        starts = np.cumsum([0] + [-(-len(f) // 64) * 64 for f in functions])  # each function on a cache line
+        self._map = mmap.mmap(-1, max(int(starts[-1]), 1), prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        for start, function in zip(starts, functions):
+            self._map[start:start + len(function)] = function
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.addresses = np.array([base + int(s) for s in starts[:-1]], np.int64)
+        self.nbytes = int(starts[-1])
+
+    def __deepcopy__(self, memo):  # the code never changes once written: a copied plan may share it
+        return self
+
+
+def build_conv(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
+    """(UnrolledCode, weights float32, starts int64) for a conv whose output channel co has nonzeros
+    indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with `values`:
+    one function per group of ACCUMULATORS channels; group g reads weights[starts[g]:] (its biases, then its
+    nonzeros in position order) and writes channel co's vector at co * out_plane floats from the output pointer."""
+    n_out = len(indptr) - 1
+    functions, weights, starts = [], [], [0]
+    for g0 in range(0, n_out, ACCUMULATORS):
+        chans = np.arange(g0, min(n_out, g0 + ACCUMULATORS))
+        lo, hi = int(indptr[g0]), int(indptr[chans[-1] + 1])
+        owners = np.repeat(chans - g0, np.diff(indptr[g0:chans[-1] + 2]))
+        order = np.argsort(positions[lo:hi], kind="stable")
+        group_positions, group_owners = positions[lo:hi][order], owners[order]
+        functions.append(group_code(group_positions, group_owners, len(chans), chans * out_plane, has_residual, relu))
+        weights.append(np.concatenate([bias[chans], values[lo:hi][order]]).astype(np.float32))
+        starts.append(starts[-1] + len(weights[-1]))
+    return UnrolledCode(functions), np.concatenate(weights), np.array(starts[:-1], np.int64)
+
+
+@intrinsic
+def call_group(typingctx, address, x, x_at, out, out_at, w, w_at, res, res_at):
+    """Call the unrolled group function at `address` with pointers to x[x_at], out[out_at], w[w_at], res[res_at]
+    (flat float32 arrays)."""
+    for name, a in (("x", x), ("out", out), ("w", w), ("res", res)):
+        if not isinstance(a, types.Array) or a.layout != "C" or a.dtype != types.float32:
+            raise TypingError(f"call_group: {name} must be a C-contiguous float32 array, got {a}")
+    sig = types.void(types.int64, x, types.intp, out, types.intp, w, types.intp, res, types.intp)
+
+    def codegen(context, builder, signature, args):
+        f32p = ir.FloatType().as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [f32p, f32p, f32p, f32p])
+        pointers = []
+        for array, at, arg_type in ((args[1], args[2], signature.args[1]), (args[3], args[4], signature.args[3]),
+                                    (args[5], args[6], signature.args[5]), (args[7], args[8], signature.args[7])):
+            data = context.make_array(arg_type)(context, builder, array).data
+            pointers.append(builder.gep(data, [at]))
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), pointers)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _unrolled_conv(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin, out_h,
+                   out_w, lanes):
+    """The lanes conv (lanes.py's `_lane_conv` addressing: output cell (oy, ox) reads from input cell origin +
+    oy * step_y + ox * step_x, writes cell out_origin + oy * wq_out + ox; x, out, residual flat) through the
+    unrolled group functions of `build_conv`: group g's address is words[2g] | words[2g + 1] << 32, its weights
+    start at starts[g]. Groups run outermost, so a group's code stays in the instruction cache while it visits
+    every vector of every output cell; residual is read where the code was built with it."""
+    n_vec = lanes // 16
+    for g in prange(len(starts)):
+        address = np.int64(words[2 * g]) | (np.int64(words[2 * g + 1]) << 32)
+        for oy in range(out_h):
+            for ox in range(out_w):
+                src = (origin + oy * step_y + ox * step_x) * lanes
+                dst = (out_origin + oy * wq_out + ox) * lanes
+                for v in range(n_vec):
+                    call_group(address, x, src + 16 * v, out, dst + 16 * v, weights, np.intp(starts[g]), residual,
+                               dst + 16 * v)
+
+
+unrolled_conv_par, unrolled_conv_seq = twin(_unrolled_conv)
+
+
+def address_words(code: UnrolledCode) -> np.ndarray:
+    """The functions' addresses as uint32 pairs (low word first: x86-64 is little-endian), for a plan's u32 weights."""
+    return code.addresses.view(np.uint32).copy()

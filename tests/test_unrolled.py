@@ -1,0 +1,154 @@
+"""The unrolled lanes conv (kernels/unrolled.py): its encoder, its kernel against torch, its plan ops."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sparsert
+from sparsert import kernels
+from sparsert import plan as plan_module
+from sparsert.kernels import executor as ex
+from sparsert.kernels import unrolled
+
+pytestmark = pytest.mark.skipif(not unrolled.available(), reason="unrolled code needs x86-64 with AVX-512F")
+
+
+def test_encoder_writes_the_instructions_an_assembler_writes():
+    """Bytes as GNU objdump decodes them (checked once by hand: operands in every register bank, negative
+    displacements, r8 as a base)."""
+    e = unrolled._evex
+    assert e(unrolled._VBROADCASTSS, 5, 0, unrolled._RDX, True, 8).hex() == "62f27d4818aa08000000"
+    assert e(unrolled._VBROADCASTSS, 23, 0, unrolled._RDX, True, 92).hex() == "62e27d4818ba5c000000"
+    assert e(unrolled._VMOVUPS_LOAD, 24, 0, unrolled._RDI, True, 123456).hex() == "62617c48108740e20100"
+    assert e(unrolled._VFMADD231PS, 17, 24, unrolled._RDX, True, 400, broadcast=True).hex() == "62e23d50b88a90010000"
+    assert e(unrolled._VFMADD231PS, 3, 24, unrolled._RDX, True, -8, broadcast=True).hex() == "62f23d50b89af8ffffff"
+    assert e(unrolled._VPXORD, 31, 31, 31, False).hex() == "62010540efff"
+    assert e(unrolled._VADDPS, 9, 9, unrolled._RCX, True, 2048).hex() == "62713448588900080000"
+    assert e(unrolled._VMOVUPS_STORE, 19, 0, unrolled._RSI, True, 65536).hex() == "62e17c48119e00000100"
+    assert e(unrolled._VMOVUPS_LOAD, 2, 0, 8, True, 64).hex() == "62d17c48109040000000"
+    with pytest.raises(ValueError, match="SIB"):
+        e(unrolled._VMOVUPS_LOAD, 2, 0, 4, True, 0)  # rsp as a base
+    with pytest.raises(ValueError, match="1-24 channels"):
+        unrolled.group_code(np.zeros(0, np.int64), np.zeros(0, np.int64), 25, np.zeros(25, np.int64), False, False)
+
+
+def _aligned(n):
+    raw = np.zeros(n + 16, np.float32)
+    k = (-raw.ctypes.data // 4) % 16
+    return raw[k:k + n]
+
+
+def _to_lanes(t, plane_shape):
+    a = _aligned(int(np.prod(plane_shape)))
+    a.reshape(plane_shape)[:, 1:-1, 1:-1, :] = t.permute(1, 2, 3, 0).numpy()
+    return a
+
+
+@pytest.mark.parametrize("c_in,c_out,hw,stride,kernel,density", [
+    (8, 5, 6, 1, 3, 0.3),     # fewer channels than one group
+    (16, 50, 5, 1, 3, 0.15),  # three groups, the last of 2 channels
+    (12, 30, 8, 2, 3, 0.4),   # stride 2
+    (20, 26, 4, 1, 1, 0.5),   # 1x1
+    (6, 24, 4, 1, 3, 0.0),    # no nonzeros: bias only
+    (4, 7, 5, 1, 3, 1.0),     # dense: a NaN input reaches every output whose window holds it, as in torch
+])
+@pytest.mark.parametrize("has_residual,relu", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, has_residual, relu, parallel):
+    """A 32-lane activation (two vectors a cell), lanes.py's addressing; one output channel with no nonzeros,
+    nothing written outside the output cells. Dense weights: a NaN input pixel must reach every output it feeds,
+    through the ReLU as well (sparse weights spread it through their nonzeros only, torch through every weight)."""
+    g = torch.Generator().manual_seed(c_in * 100 + c_out)
+    lanes, pad = 32, kernel // 2
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=g) * (
+        torch.rand(c_out, c_in, kernel, kernel, generator=g) < density)
+    if density < 1.0:
+        weight[min(1, c_out - 1)] = 0.0
+    bias = torch.randn(c_out, generator=g)
+    x = torch.randn(lanes, c_in, hw, hw, generator=g)
+    if density == 1.0:
+        x[3, 0, hw // 2, hw // 2] = float("nan")
+    out_hw = (hw + 2 * pad - kernel) // stride + 1
+    residual = torch.randn(lanes, c_out, out_hw, out_hw, generator=g)
+    wq_in, wq_out = hw + 2, out_hw + 2
+    x_lanes = _to_lanes(x, (c_in, hw + 2, wq_in, lanes))
+    res_lanes = _to_lanes(residual, (c_out, out_hw + 2, wq_out, lanes))
+    out = _aligned(c_out * (out_hw + 2) * wq_out * lanes)
+    out[:] = 7.0  # the border cells must keep it
+    csr = sparsert.formats.CSR.from_dense(weight.reshape(c_out, -1))
+    indptr = np.asarray(csr.indptr, np.int64)
+    positions = kernels.lane_offsets(np.asarray(csr.indices), (kernel, kernel), (1, 1), (hw + 2) * wq_in * lanes, wq_in,
+                                     lanes).astype(np.int64)
+    plane_out = (out_hw + 2) * wq_out * lanes
+    code, weights, starts = unrolled.build_conv(indptr, positions, np.asarray(csr.data, np.float32), bias.numpy(),
+                                                plane_out, has_residual, relu)
+    assert len(starts) == -(-c_out // unrolled.ACCUMULATORS)
+    origin = (1 - pad) * wq_in + 1 - pad
+    run = unrolled.unrolled_conv_par if parallel else unrolled.unrolled_conv_seq
+    run(unrolled.address_words(code), starts.astype(np.uint32), weights, x_lanes, origin, stride * wq_in, stride,
+        res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes)
+    expected = nn.functional.conv2d(x, weight, bias, stride=stride, padding=pad)
+    if has_residual:
+        expected = expected + residual
+    if relu:
+        expected = torch.relu(expected)
+    got = out.reshape(c_out, out_hw + 2, wq_out, lanes)
+    torch.testing.assert_close(torch.from_numpy(got[:, 1:-1, 1:-1, :].copy()), expected.permute(1, 2, 3, 0),
+                               rtol=1e-4, atol=1e-4, equal_nan=True)
+    border = np.ones(got.shape[1:3], bool)
+    border[1:-1, 1:-1] = False
+    assert (got[:, border, :] == 7.0).all()
+    if density == 1.0:
+        assert np.isnan(got[:, 1:-1, 1:-1, 3]).any()  # the NaN went through (a vmaxps with swapped sources drops it)
+
+
+def _block(channels=64, density=0.2):
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+            self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+            self.down = nn.Conv2d(channels, channels, 3, 2, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            return self.down(torch.relu(self.conv2(y) + x))
+
+    model = Block().eval()
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2, model.down):
+            conv.weight.mul_((torch.rand_like(conv.weight) < density).float())
+    return model
+
+
+@pytest.mark.parametrize("batch", [20, 64])
+def test_plan_runs_small_lanes_convs_unrolled(batch, monkeypatch):
+    """Lanes convs on small maps at density >= UNROLLED_MIN_DENSITY run as unrolled code (the op's table offset is
+    set and the plan keeps the code), with the same result as torch and as the strip kernels; with UNROLLED_CONV
+    off no op does."""
+    model = _block()
+    x = torch.randn(batch, 64, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        plan = sparsert.sparsify(model).plan_for(x)
+        lane_convs = plan.ops[plan.ops[:, 0] == ex.LANE_CONV]
+        assert len(lane_convs) and (lane_convs[:, 2 + 30] >= 0).all() and plan.code
+        got = plan(x)
+        monkeypatch.setattr(plan_module, "UNROLLED_CONV", 0)
+        strip_plan = sparsert.sparsify(model).plan_for(x)
+        assert (strip_plan.ops[strip_plan.ops[:, 0] == ex.LANE_CONV][:, 2 + 30] == -1).all() and not strip_plan.code
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, strip_plan(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps(monkeypatch):
+    with torch.no_grad():
+        x = torch.randn(32, 64, 32, 32)  # 32x32 maps: past UNROLLED_MAX_CELLS
+        plan = sparsert.sparsify(_block()).plan_for(x)
+        ops = plan.ops[plan.ops[:, 0] == ex.LANE_CONV]
+        assert (ops[:, 2 + 30] >= 0).any()  # the stride-2 conv's 16x16 output
+        assert (ops[ops[:, 2 + 11] > 16][:, 2 + 30] == -1).all()
+        sparse_plan = sparsert.sparsify(_block(density=0.02)).plan_for(torch.randn(32, 64, 8, 8))
+        assert not sparse_plan.code
