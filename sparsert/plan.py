@@ -1030,7 +1030,8 @@ LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 # Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 24 output channels in registers.
 UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
-UNROLLED_MAX_CELLS = 256   # ... only on output maps of at most this many cells (16x16)
+UNROLLED_MAX_CELLS = 1024  # ... only on output maps of at most this many cells (32x32)
+UNROLLED_WINDOW_BYTES = 512 << 10  # input a band of output rows reads (one vector a cell): half of L2
 UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps (2% ran slower on 16x16 maps)
 
 
@@ -1362,8 +1363,11 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                 co_block //= 2  # a small region still gives every thread work
         csr = None
         if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices), out_channels * c * int(live.sum())):
+            input_row_bytes = c * wq_in * 4 * kernels.LANE_VECTOR  # one vector of every cell of an input row
+            window_rows = max(1, UNROLLED_WINDOW_BYTES // input_row_bytes)  # input rows a band's window holds
+            block_rows = max(1, (window_rows - ((kh - 1) * dilation[0] + 1)) // sh + 1)
             csr = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32), np.asarray(bias, np.float32),
-                   plane_out)
+                   plane_out, block_rows)
         bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
         offsets, r_values = offsets[order], np.asarray(r_values)[order]
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
@@ -1406,12 +1410,12 @@ def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
 def _unroll(b: _Builder):
     """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
     residuals are final: per op, its table in u32 (groups, address words, weight starts) and weights in f32."""
-    for row, (indptr, positions, values, bias, plane_out) in b.unrolled.items():
+    for row, (indptr, positions, values, bias, plane_out, block_rows) in b.unrolled.items():
         p = b.rows[row][2:]
         code, weights, starts = kernels.build_unrolled_conv(indptr, positions, values, bias, plane_out, p[6] >= 0,
                                                             p[7] != 0)
         b.code.append(code)
-        table = np.concatenate([[len(starts)], kernels.address_words(code), starts]).astype(np.uint32)
+        table = np.concatenate([[len(starts), block_rows], kernels.address_words(code), starts]).astype(np.uint32)
         b.rows[row][2 + 30] = b.weights_u32(table)
         b.rows[row][2 + 31] = b.weights_f32(weights)
 

@@ -26,10 +26,19 @@ def test_encoder_writes_the_instructions_an_assembler_writes():
     assert e(unrolled._VADDPS, 9, 9, unrolled._RCX, True, 2048).hex() == "62713448588900080000"
     assert e(unrolled._VMOVUPS_STORE, 19, 0, unrolled._RSI, True, 65536).hex() == "62e17c48119e00000100"
     assert e(unrolled._VMOVUPS_LOAD, 2, 0, 8, True, 64).hex() == "62d17c48109040000000"
+    # compressed one-byte displacements (disp8 x the operand size) where they fit, and the base moves
+    assert e(unrolled._VMOVUPS_LOAD, 24, 0, unrolled._RDI, True, -8192, scale=64).hex() == "62617c48104780"
+    assert e(unrolled._VMOVUPS_LOAD, 24, 0, unrolled._RDI, True, 8128, scale=64).hex() == "62617c4810477f"
+    assert e(unrolled._VMOVUPS_LOAD, 24, 0, unrolled._RDI, True, 8192, scale=64).hex() == "62617c48108700200000"
+    assert e(unrolled._VFMADD231PS, 17, 24, unrolled._RDX, True, 508, broadcast=True, scale=4).hex() == "62e23d50b84a7f"
+    assert e(unrolled._VFMADD231PS, 3, 24, unrolled._RDX, True, -512, broadcast=True, scale=4).hex() == "62f23d50b85a80"
+    assert e(unrolled._VBROADCASTSS, 23, 0, unrolled._RDX, True, 92, scale=4).hex() == "62e27d48187a17"
+    assert unrolled._add_imm32(unrolled._RDI, 12345).hex() == "4881c739300000"
+    assert unrolled._add_imm32(unrolled._RDX, -1024).hex() == "4881c200fcffff"
     with pytest.raises(ValueError, match="SIB"):
         e(unrolled._VMOVUPS_LOAD, 2, 0, 4, True, 0)  # rsp as a base
-    with pytest.raises(ValueError, match="1-24 channels"):
-        unrolled.group_code(np.zeros(0, np.int64), np.zeros(0, np.int64), 25, np.zeros(25, np.int64), False, False)
+    with pytest.raises(ValueError, match="1-30 channels"):
+        unrolled.group_code(np.zeros(0, np.int64), np.zeros(0, np.int64), 31, np.zeros(31, np.int64), False, False)
 
 
 def _aligned(n):
@@ -53,8 +62,8 @@ def _to_lanes(t, plane_shape):
     (4, 7, 5, 1, 3, 1.0),     # dense: a NaN input reaches every output whose window holds it, as in torch
 ])
 @pytest.mark.parametrize("has_residual,relu", [(False, False), (True, True), (False, True)])
-@pytest.mark.parametrize("parallel", [False, True])
-def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, has_residual, relu, parallel):
+@pytest.mark.parametrize("parallel,block_rows", [(False, 1), (True, 2), (False, 100)])
+def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, has_residual, relu, parallel, block_rows):
     """A 32-lane activation (two vectors a cell), lanes.py's addressing; one output channel with no nonzeros,
     nothing written outside the output cells. Dense weights: a NaN input pixel must reach every output it feeds,
     through the ReLU as well (sparse weights spread it through their nonzeros only, torch through every weight)."""
@@ -86,7 +95,7 @@ def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, h
     origin = (1 - pad) * wq_in + 1 - pad
     run = unrolled.unrolled_conv_par if parallel else unrolled.unrolled_conv_seq
     run(unrolled.address_words(code), starts.astype(np.uint32), weights, x_lanes, origin, stride * wq_in, stride,
-        res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes)
+        res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes, block_rows)
     expected = nn.functional.conv2d(x, weight, bias, stride=stride, padding=pad)
     if has_residual:
         expected = expected + residual
@@ -145,10 +154,11 @@ def test_plan_runs_small_lanes_convs_unrolled(batch, monkeypatch):
 
 def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps(monkeypatch):
     with torch.no_grad():
-        x = torch.randn(32, 64, 32, 32)  # 32x32 maps: past UNROLLED_MAX_CELLS
+        x = torch.randn(16, 64, 48, 48)  # 48x48 maps: past UNROLLED_MAX_CELLS
         plan = sparsert.sparsify(_block()).plan_for(x)
         ops = plan.ops[plan.ops[:, 0] == ex.LANE_CONV]
-        assert (ops[:, 2 + 30] >= 0).any()  # the stride-2 conv's 16x16 output
-        assert (ops[ops[:, 2 + 11] > 16][:, 2 + 30] == -1).all()
+        out_w = ops[:, 2 + 12]
+        assert (ops[out_w == 24][:, 2 + 30] >= 0).all() and (out_w == 24).any()  # the stride-2 conv's 24x24 output
+        assert (ops[out_w > 24][:, 2 + 30] == -1).all() and (out_w > 24).any()
         sparse_plan = sparsert.sparsify(_block(density=0.02)).plan_for(torch.randn(32, 64, 8, 8))
         assert not sparse_plan.code
