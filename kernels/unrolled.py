@@ -81,41 +81,76 @@ def _add_imm32(register: int, value: int) -> bytes:
     return bytes((0x48, 0x81, 0xC0 | register)) + int(value).to_bytes(4, "little", signed=True)
 
 
+_X_WINDOW = 4080  # floats of input one rdi base reaches with one-byte displacements (-2048 .. +2032)
+_W_WINDOW = 256   # weights one rdx base reaches (-128 .. +127)
+
+
+def _disp8_rows(op, regs: np.ndarray, vvvv: int, base: int, disp8: np.ndarray, broadcast: bool) -> np.ndarray:
+    """`_evex` with a one-byte displacement, for many ModRM.reg registers at once: uint8 [n, 7] (the same bytes)."""
+    template = np.frombuffer(_evex(op, 0, vvvv, base, True, 0, broadcast, scale=1), np.uint8)  # disp 0: one byte
+    rows = np.repeat(template[None, :], len(regs), axis=0)
+    regs = np.asarray(regs, np.int64)
+    rows[:, 1] &= 0x6F  # clear R (bit 7) and R' (bit 4), then set them inverted from the register
+    rows[:, 1] |= (((1 - ((regs >> 3) & 1)) << 7) | ((1 - ((regs >> 4) & 1)) << 4)).astype(np.uint8)
+    rows[:, 5] |= ((regs & 7) << 3).astype(np.uint8)
+    rows[:, 6] = np.asarray(disp8, np.int64).astype(np.int8).view(np.uint8)
+    return rows
+
+
+def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
+    """`_add_imm32` for many values: uint8 [n, 7]."""
+    rows = np.empty((len(values), 7), np.uint8)
+    rows[:, :3] = (0x48, 0x81, 0xC0 | register)
+    rows[:, 3:] = np.asarray(values, np.int64).astype("<i4").view(np.uint8).reshape(-1, 4)
+    return rows
+
+
 def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offsets: np.ndarray,
                has_residual: bool, relu: bool) -> bytes:
     """Machine code of one group: out[out_offsets[j]] = relu?(w[j] + sum over nonzeros k of channel j of
     w[n_chan + k] * x[positions[k]] + res[out_offsets[j]]) for j < n_chan, each a 16-float vector (offsets in
-    floats). Nonzeros come sorted by position; owners[k] is nonzero k's channel."""
+    floats, positions multiples of 16). Nonzeros come sorted by position; owners[k] is nonzero k's channel.
+
+    rdi and rdx step forward through the input and the weights (add r64, imm32 at each new window) so that every
+    load and FMA takes a one-byte displacement: all 7-byte instructions (10 with four-byte ones), written for all
+    nonzeros at once with numpy: per nonzero the slots [move rdi, load x, move rdx, FMA], those needed kept."""
     if not 0 < n_chan <= ACCUMULATORS:
         raise ValueError(f"a group holds 1-{ACCUMULATORS} channels, got {n_chan}")
-    # rdi and rdx move forward through the input and the weights so that nearly every displacement fits one byte
-    # (the input's in 64-byte steps, the weights' in 4): 7-byte instructions instead of 10, less code to stream.
-    code = bytearray()
-    for j in range(n_chan):  # the bias, broadcast
-        code += _evex(_VBROADCASTSS, j, 0, _RDX, True, 4 * j, scale=4)
-    previous, x_base, w_base = -1, 0, 0  # (floats)
-    for k in range(len(positions)):
-        position, w_at = int(positions[k]), n_chan + k
-        if position != previous:
-            if not -2048 <= position - x_base <= 2032:
-                code += _add_imm32(_RDI, 4 * (position + 2048 - x_base))
-                x_base = position + 2048
-            code += _evex(_VMOVUPS_LOAD, _X, 0, _RDI, True, 4 * (position - x_base), scale=64)
-            previous = position
-        if w_at - w_base > 127:
-            code += _add_imm32(_RDX, 4 * 256)
-            w_base += 256
-        code += _evex(_VFMADD231PS, int(owners[k]), _X, _RDX, True, 4 * (w_at - w_base), broadcast=True, scale=4)
+    positions, owners = np.asarray(positions, np.int64), np.asarray(owners, np.int64)
+    n = len(positions)
+    head = bytearray()
+    for j in range(n_chan):  # the bias, broadcast (rdx still at the weights' start)
+        head += _evex(_VBROADCASTSS, j, 0, _RDX, True, 4 * j, scale=4)
+    slots = np.zeros((n, 4, 7), np.uint8)
+    keep = np.zeros((n, 4), bool)
+    if n:
+        new = np.ones(n, bool)
+        new[1:] = positions[1:] != positions[:-1]
+        x_base = positions // _X_WINDOW * _X_WINDOW + 2048
+        x_step = np.diff(x_base[new], prepend=0)  # each load's base against the previous load's
+        moves = np.flatnonzero(new)[x_step != 0]
+        keep[moves, 0] = True
+        slots[moves, 0] = _add_rows(_RDI, 4 * x_step[x_step != 0])
+        keep[new, 1] = True
+        slots[new, 1] = _disp8_rows(_VMOVUPS_LOAD, np.full(new.sum(), _X), 0, _RDI,
+                                    (positions[new] - x_base[new]) // 16, False)
+        w_at = n_chan + np.arange(n)
+        w_base = w_at // _W_WINDOW * _W_WINDOW + _W_WINDOW // 2
+        w_step = np.diff(w_base, prepend=0)
+        keep[:, 2] = w_step != 0
+        slots[keep[:, 2], 2] = _add_rows(_RDX, 4 * w_step[keep[:, 2]])
+        keep[:, 3] = True
+        slots[:, 3] = _disp8_rows(_VFMADD231PS, owners, _X, _RDX, w_at - w_base, True)
+    tail = bytearray()
     if relu:
-        code += _evex(_VPXORD, _ZERO, _ZERO, _ZERO, False)
+        tail += _evex(_VPXORD, _ZERO, _ZERO, _ZERO, False)
     for j in range(n_chan):
         if has_residual:
-            code += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
+            tail += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
         if relu:  # max(0, acc): where acc is NaN, vmaxps returns its second source, so NaN propagates as in torch
-            code += _evex(_VMAXPS, j, _ZERO, j, False)
-        code += _evex(_VMOVUPS_STORE, j, 0, _RSI, True, 4 * int(out_offsets[j]))
-    code += _VZEROUPPER + _RET
-    return bytes(code)
+            tail += _evex(_VMAXPS, j, _ZERO, j, False)
+        tail += _evex(_VMOVUPS_STORE, j, 0, _RSI, True, 4 * int(out_offsets[j]))
+    return bytes(head) + slots[keep].tobytes() + bytes(tail) + _VZEROUPPER + _RET
 
 
 class UnrolledCode:

@@ -41,6 +41,21 @@ def test_encoder_writes_the_instructions_an_assembler_writes():
         unrolled.group_code(np.zeros(0, np.int64), np.zeros(0, np.int64), 31, np.zeros(31, np.int64), False, False)
 
 
+def test_vectorised_rows_match_the_scalar_encoder():
+    regs = np.arange(32)
+    disps = np.arange(-128, 128, 8)
+    rows = unrolled._disp8_rows(unrolled._VFMADD231PS, regs, unrolled._X, unrolled._RDX, disps, True)
+    for reg, disp, row in zip(regs, disps, rows):
+        assert row.tobytes() == unrolled._evex(unrolled._VFMADD231PS, int(reg), unrolled._X, unrolled._RDX, True,
+                                               4 * int(disp), broadcast=True, scale=4)
+    loads = unrolled._disp8_rows(unrolled._VMOVUPS_LOAD, regs, 0, unrolled._RDI, disps, False)
+    for reg, disp, row in zip(regs, disps, loads):
+        assert row.tobytes() == unrolled._evex(unrolled._VMOVUPS_LOAD, int(reg), 0, unrolled._RDI, True, 64 * int(disp),
+                                               scale=64)
+    adds = unrolled._add_rows(unrolled._RDX, np.array([1024, -4, 2 ** 31 - 1]))
+    assert [r.tobytes() for r in adds] == [unrolled._add_imm32(unrolled._RDX, v) for v in (1024, -4, 2 ** 31 - 1)]
+
+
 def _aligned(n):
     raw = np.zeros(n + 16, np.float32)
     k = (-raw.ctypes.data // 4) % 16
@@ -55,7 +70,7 @@ def _to_lanes(t, plane_shape):
 
 @pytest.mark.parametrize("c_in,c_out,hw,stride,kernel,density", [
     (8, 5, 6, 1, 3, 0.3),     # fewer channels than one group
-    (16, 50, 5, 1, 3, 0.15),  # three groups, the last of 2 channels
+    (16, 50, 5, 1, 3, 0.15),  # two groups, the last of 20 channels; input and weights span several base windows
     (12, 30, 8, 2, 3, 0.4),   # stride 2
     (20, 26, 4, 1, 1, 0.5),   # 1x1
     (6, 24, 4, 1, 3, 0.0),    # no nonzeros: bias only
