@@ -1032,7 +1032,9 @@ LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work it
 UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
 UNROLLED_MAX_CELLS = 1024  # ... only on output maps of at most this many cells (32x32)
 UNROLLED_WINDOW_BYTES = 512 << 10  # input a band of output rows reads (one vector a cell): half of L2
-UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps (2% ran slower on 16x16 maps)
+UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
+UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer: 32x32 and 16x16 maps 1.2-1.3x
+                             # slower unrolled, 8x8 and 4x4 even (0.9-1.1), 2x2 and 1x1 1.5-1.9x faster
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -1404,7 +1406,8 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
 def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
     """Whether a lanes conv runs as unrolled machine code (kernels.unrolled) rather than the strip kernels."""
     return bool(UNROLLED_CONV and kernels.unrolled_available() and lanes % kernels.LANE_VECTOR == 0
-                and out_cells <= UNROLLED_MAX_CELLS and nnz >= UNROLLED_MIN_DENSITY * max(1, live_weights))
+                and out_cells <= UNROLLED_MAX_CELLS
+                and (out_cells <= UNROLLED_SMALL_CELLS or nnz >= UNROLLED_MIN_DENSITY * max(1, live_weights)))
 
 
 def _unroll(b: _Builder):

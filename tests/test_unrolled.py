@@ -167,7 +167,7 @@ def test_plan_runs_small_lanes_convs_unrolled(batch, monkeypatch):
         torch.testing.assert_close(got, strip_plan(x), rtol=1e-5, atol=1e-5)
 
 
-def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps(monkeypatch):
+def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps():
     with torch.no_grad():
         x = torch.randn(16, 64, 48, 48)  # 48x48 maps: past UNROLLED_MAX_CELLS
         plan = sparsert.sparsify(_block()).plan_for(x)
@@ -176,4 +176,6 @@ def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps(monkeypatch):
         assert (ops[out_w == 24][:, 2 + 30] >= 0).all() and (out_w == 24).any()  # the stride-2 conv's 24x24 output
         assert (ops[out_w > 24][:, 2 + 30] == -1).all() and (out_w > 24).any()
         sparse_plan = sparsert.sparsify(_block(density=0.02)).plan_for(torch.randn(32, 64, 8, 8))
-        assert not sparse_plan.code
+        assert not sparse_plan.code  # 2% < UNROLLED_MIN_DENSITY
+        tiny_maps = sparsert.sparsify(_block(density=0.02)).plan_for(torch.randn(32, 64, 2, 2))
+        assert tiny_maps.code  # maps of at most UNROLLED_SMALL_CELLS cells unroll at any density
