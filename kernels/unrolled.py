@@ -172,7 +172,13 @@ class UnrolledCode:
 
 
 def build_conv(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
-    """(UnrolledCode, weights float32, starts int64) for a conv whose output channel co has nonzeros
+    """`conv_functions`, its functions written into their own UnrolledCode."""
+    functions, weights, starts = conv_functions(indptr, positions, values, bias, out_plane, has_residual, relu)
+    return UnrolledCode(functions), weights, starts
+
+
+def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
+    """(functions' machine code, weights float32, starts int64) for a conv whose output channel co has nonzeros
     indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with `values`:
     one function per group of ACCUMULATORS channels; group g reads weights[starts[g]:] (its biases, then its
     nonzeros in position order) and writes channel co's vector at co * out_plane floats from the output pointer."""
@@ -187,7 +193,7 @@ def build_conv(indptr, positions, values, bias, out_plane: int, has_residual: bo
         functions.append(group_code(group_positions, group_owners, len(chans), chans * out_plane, has_residual, relu))
         weights.append(np.concatenate([bias[chans], values[lo:hi][order]]).astype(np.float32))
         starts.append(starts[-1] + len(weights[-1]))
-    return UnrolledCode(functions), np.concatenate(weights), np.array(starts[:-1], np.int64)
+    return functions, np.concatenate(weights), np.array(starts[:-1], np.int64)
 
 
 @intrinsic

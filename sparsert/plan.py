@@ -1412,14 +1412,23 @@ def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
 
 def _unroll(b: _Builder):
     """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
-    residuals are final: per op, its table in u32 (groups, address words, weight starts) and weights in f32."""
+    residuals are final, all into one executable mapping: per op, its table in u32 (groups, rows a band, address
+    words, weight starts) and its weights in f32."""
+    functions, pending = [], []
     for row, (indptr, positions, values, bias, plane_out, block_rows) in b.unrolled.items():
         p = b.rows[row][2:]
-        code, weights, starts = kernels.build_unrolled_conv(indptr, positions, values, bias, plane_out, p[6] >= 0,
-                                                            p[7] != 0)
-        b.code.append(code)
-        table = np.concatenate([[len(starts), block_rows], kernels.address_words(code), starts]).astype(np.uint32)
-        b.rows[row][2 + 30] = b.weights_u32(table)
+        group_functions, weights, starts = kernels.unrolled_conv_functions(indptr, positions, values, bias, plane_out,
+                                                                           p[6] >= 0, p[7] != 0)
+        pending.append((row, len(functions), weights, starts, block_rows))
+        functions += group_functions
+    if not functions:
+        return
+    code = kernels.UnrolledCode(functions)
+    b.code.append(code)
+    words = kernels.address_words(code).reshape(-1, 2)
+    for row, first, weights, starts, block_rows in pending:
+        table = np.concatenate([[len(starts), block_rows], words[first:first + len(starts)].reshape(-1), starts])
+        b.rows[row][2 + 30] = b.weights_u32(table.astype(np.uint32))
         b.rows[row][2 + 31] = b.weights_f32(weights)
 
 

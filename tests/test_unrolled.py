@@ -147,7 +147,7 @@ def _block(channels=64, density=0.2):
     return model
 
 
-@pytest.mark.parametrize("batch", [20, 64])
+@pytest.mark.parametrize("batch", [16, 20, 64])  # 16 lanes (one vector a cell), 32, and two 32-lane shares
 def test_plan_runs_small_lanes_convs_unrolled(batch, monkeypatch):
     """Lanes convs on small maps at density >= UNROLLED_MIN_DENSITY run as unrolled code (the op's table offset is
     set and the plan keeps the code), with the same result as torch and as the strip kernels; with UNROLLED_CONV
