@@ -3,8 +3,8 @@
 The strip kernels (strip.py) hold one output channel's strip in registers and reload an input vector for
 every nonzero: one load per multiply-add. At batch 64 that load comes from L2 (a block's input window is
 larger than L1), and the strip conv tops out near 32 GMAC/s per core. Holding G output channels' vectors
-in registers instead lets one loaded input vector feed every nonzero of those channels at that input
-position (about G x density of them). Which registers a position feeds is the sparsity pattern itself, so
+in registers instead (G = 30) lets one loaded input vector feed every nonzero of those channels at that input
+position (about G x density of them: 3 at 10%). Which registers a position feeds is the sparsity pattern itself, so
 the code is written per layer, the way sparse inference engines JIT their convs:
 
     for each input position (channel, tap) that any of the G channels reads:
@@ -15,13 +15,15 @@ then per channel: + residual, max(0, .) where relu, store. One function per grou
 16-lane vector of every output cell it is called for; the caller passes the strip's input, output, weight and
 residual pointers (offsets inside the layout are baked in as displacements).
 
-The encoder below writes these few EVEX instructions itself: LLVM took 2-4 s per 128-channel layer to compile
-the same code (bench/RESULTS.md), and writing bytes takes milliseconds. x86-64 with AVX-512F only (`available`);
-the code lives in an executable anonymous mapping owned by the `UnrolledCode` object.
+The encoder below writes these few EVEX instructions itself: LLVM took 4 s to compile the same code for a
+128-channel layer and 23 s for a 256-channel one (bench/RESULTS.md); writing the bytes with numpy takes
+milliseconds. x86-64 with AVX-512F only (`available`); the code lives in an executable anonymous mapping owned by
+the `UnrolledCode` object.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import platform
 
@@ -33,7 +35,8 @@ from numba.extending import intrinsic
 
 from ._jit import AVX512, twin
 
-ACCUMULATORS = 30  # output channels per group: zmm0..29 hold their vectors (one core, 10%, 8x8 and 4x4 maps: 24 -> 30 took 42 -> 46 GMAC/s)
+# Output channels per group: zmm0..29 hold their vectors (one core, 10%, 8x8 and 4x4 maps: 24 -> 30, 42 -> 46 GMAC/s).
+ACCUMULATORS = 30
 _X, _ZERO = 30, 31  # the loaded input, and zero for the ReLU
 # SysV argument registers: f(x, out, w, res)
 _RDI, _RSI, _RDX, _RCX = 7, 6, 2, 1
@@ -44,9 +47,19 @@ _VADDPS, _VMAXPS, _VPXORD = (1, 0, 0x58), (1, 0, 0x5F), (1, 1, 0xEF)
 _RET, _VZEROUPPER = b"\xc3", b"\xc5\xf8\x77"
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether this machine can run the unrolled code (x86-64 Linux-style mmap with AVX-512F)."""
-    return AVX512 and platform.machine().lower() in ("x86_64", "amd64") and hasattr(mmap, "PROT_EXEC")
+    """Whether this machine can run the unrolled code: x86-64 with AVX-512F, and an OS that maps memory executable
+    (checked once by writing and calling a bare `ret`; SELinux or a hardened runtime may refuse it)."""
+    if not (AVX512 and platform.machine().lower() in ("x86_64", "amd64") and hasattr(mmap, "PROT_EXEC")):
+        return False
+    try:
+        probe = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        probe[:1] = _RET
+        ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(probe)))()
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _evex(op, reg: int, vvvv: int, rm: int, memory: bool, disp: int = 0, broadcast: bool = False,
@@ -223,7 +236,7 @@ def _unrolled_conv(words, starts, weights, x, origin, step_y, step_x, residual, 
                    out_w, lanes, block_rows):
     """The lanes conv (lanes.py's `_lane_conv` addressing: output cell (oy, ox) reads from input cell origin +
     oy * step_y + ox * step_x, writes cell out_origin + oy * wq_out + ox; x, out, residual flat) through the
-    unrolled group functions of `build_conv`: group g's address is words[2g] | words[2g + 1] << 32, its weights
+    unrolled group functions of `conv_functions`: group g's address is words[2g] | words[2g + 1] << 32, its weights
     start at starts[g]; residual is read where the code was built with it.
 
     Order: each 16-lane vector of the cells, then bands of block_rows output rows, then the groups (in parallel),

@@ -1364,7 +1364,8 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             while co_block > 8 and -(-rows // item_rows) * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
                 co_block //= 2  # a small region still gives every thread work
         csr = None
-        if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices), out_channels * c * int(live.sum())):
+        live_weights = out_channels * c * int(live.sum())
+        if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices), live_weights):
             input_row_bytes = c * wq_in * 4 * kernels.LANE_VECTOR  # one vector of every cell of an input row
             window_rows = max(1, UNROLLED_WINDOW_BYTES // input_row_bytes)  # input rows a band's window holds
             block_rows = max(1, (window_rows - ((kh - 1) * dilation[0] + 1)) // sh + 1)

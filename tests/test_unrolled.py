@@ -179,3 +179,22 @@ def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps():
         assert not sparse_plan.code  # 2% < UNROLLED_MIN_DENSITY
         tiny_maps = sparsert.sparsify(_block(density=0.02)).plan_for(torch.randn(32, 64, 2, 2))
         assert tiny_maps.code  # maps of at most UNROLLED_SMALL_CELLS cells unroll at any density
+
+
+def test_unavailable_where_the_os_refuses_executable_memory(monkeypatch):
+    """SELinux (execmem) or a hardened runtime refuses PROT_EXEC mappings: the plans then keep the strip kernels
+    instead of failing to build."""
+    def refuse(*args, **kwargs):
+        raise PermissionError("mmap: Operation not permitted")
+
+    unrolled.available.cache_clear()
+    monkeypatch.setattr(unrolled.mmap, "mmap", refuse)
+    try:
+        assert not unrolled.available()
+        with torch.no_grad():
+            plan = sparsert.sparsify(_block()).plan_for(torch.randn(20, 64, 8, 8))
+        assert not plan.code and (plan.ops[plan.ops[:, 0] == ex.LANE_CONV][:, 2 + 30] == -1).all()
+    finally:
+        monkeypatch.undo()
+        unrolled.available.cache_clear()
+    assert unrolled.available()
