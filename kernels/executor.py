@@ -243,33 +243,31 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
             res = arena[p[6]:p[6] + p[4] * p[5]].reshape((p[4], p[5])) if has_res else out
-            bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
-            offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
-            keep = u32[p[26]:p[26] + 9]
-            if p[30] >= 0:
+            if par:
+                if p[23]:
+                    zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
+            elif p[23]:
+                zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
+            if p[30] >= 0:  # unrolled code (its op stores no strip-kernel arrays)
                 n_groups, block_rows = u32[p[30]], u32[p[30] + 1]
                 words = u32[p[30] + 2:p[30] + 2 + 2 * n_groups]
                 starts = u32[p[30] + 2 + 2 * n_groups:p[30] + 2 + 3 * n_groups]
                 if par:
-                    if p[23]:
-                        zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
                     unrolled_conv_par(words, starts, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
                                       out.reshape(-1), p[24], p[22], p[11], p[12], p[13], block_rows)
                 else:
-                    if p[23]:
-                        zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
                     unrolled_conv_seq(words, starts, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
                                       out.reshape(-1), p[24], p[22], p[11], p[12], p[13], block_rows)
-            elif par:
-                if p[23]:
-                    zero_border_par(out, p[27], p[28], p[23], p[24], 1, p[13])
-                lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
             else:
-                if p[23]:
-                    zero_border_seq(out, p[27], p[28], p[23], p[24], 1, p[13])
-                lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
-                              out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
+                bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
+                offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]
+                keep = u32[p[26]:p[26] + 9]
+                if par:
+                    lane_conv_par(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                                  out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
+                else:
+                    lane_conv_seq(bounds, offsets, values, x_lanes, p[8], p[9], p[10], bias, res, has_res, p[7] != 0,
+                                  out, p[24], p[22], p[11], p[12], p[13], p[14], p[15], p[25], keep, p[29])
         elif code == LANE_CONV_MAXPOOL:
             # p: x, C_in, plane_in, out (pooled, lanes), C_out, plane_out, relu, origin, step_y, step_x, conv OH, conv OW,
             #    lanes, cells_per_strip, block bounds (u32), n_blocks, tap offsets, nnz, values, bias, pool kernel,

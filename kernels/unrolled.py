@@ -184,12 +184,6 @@ class UnrolledCode:
         return self
 
 
-def build_conv(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
-    """`conv_functions`, its functions written into their own UnrolledCode."""
-    functions, weights, starts = conv_functions(indptr, positions, values, bias, out_plane, has_residual, relu)
-    return UnrolledCode(functions), weights, starts
-
-
 def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
     """(functions' machine code, weights float32, starts int64) for a conv whose output channel co has nonzeros
     indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with `values`:

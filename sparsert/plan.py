@@ -1028,10 +1028,10 @@ LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each re
 LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
-# Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 24 output channels in registers.
+# Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 30 output channels in registers.
 UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
-UNROLLED_MAX_CELLS = 1024  # ... only on output maps of at most this many cells (32x32)
 UNROLLED_WINDOW_BYTES = 512 << 10  # input a band of output rows reads (one vector a cell): half of L2
+UNROLLED_MAX_CELLS = 1024  # unrolled only on output maps of at most this many cells (32x32)
 UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
 UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer: 32x32 and 16x16 maps 1.2-1.3x
                              # slower unrolled, 8x8 and 4x4 even (0.9-1.1), 2x2 and 1x1 1.5-1.9x faster
@@ -1363,25 +1363,28 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             co_block = LANE_CO_BLOCK
             while co_block > 8 and -(-rows // item_rows) * segments * -(-out_channels // co_block) < LANE_MIN_ITEMS:
                 co_block //= 2  # a small region still gives every thread work
-        csr = None
-        live_weights = out_channels * c * int(live.sum())
-        if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices), live_weights):
+        unrolled = None
+        if pool is None and not tiled and _unrolls(lanes, out_h * out_w, len(r_indices),
+                                                   out_channels * c * int(live.sum())):
+            # The CSR in its own order (kernels.unrolled sorts each group's nonzeros by position); its code is
+            # written once the ReLU flag and residual are final (`_unroll`). The strip kernels' arrays are not stored.
             input_row_bytes = c * wq_in * 4 * kernels.LANE_VECTOR  # one vector of every cell of an input row
             window_rows = max(1, UNROLLED_WINDOW_BYTES // input_row_bytes)  # input rows a band's window holds
             block_rows = max(1, (window_rows - ((kh - 1) * dilation[0] + 1)) // sh + 1)
-            csr = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32), np.asarray(bias, np.float32),
-                   plane_out, block_rows)
-        bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
-        offsets, r_values = offsets[order], np.asarray(r_values)[order]
+            unrolled = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32),
+                        np.asarray(bias, np.float32), plane_out, block_rows)
+            strip_arrays = (0, 0, 0, len(r_indices), 0, 0)
+        else:
+            bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
+            strip_arrays = (b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets[order]),
+                            len(r_indices), b.weights_f32(np.asarray(r_values)[order]), b.weights_f32(bias))
         origin = (border - pads[0] + oy0 * sh) * wq_in + border - pads[2] + ox0 * sw
         if pool is not None:
             threads = numba.config.NUMBA_NUM_THREADS
             scratch = b.alloc(threads * co_block * rows * cols * lanes)
             b.emit(ex.LANE_CONV_MAXPOOL, len(r_indices) * lanes * rows * cols + out_channels * lanes * pool_h * pool_w * k * k,
                    x[0], c, plane_in, out, out_channels, plane_pool, int(relu), origin, sh * wq_in, sw, rows, cols, lanes,
-                   cells_per_strip, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets),
-                   len(r_indices), b.weights_f32(r_values), b.weights_f32(bias), k, s, pad, pool_h, pool_w, co_block,
-                   scratch, threads, item_rows)
+                   cells_per_strip, *strip_arrays, k, s, pad, pool_h, pool_w, co_block, scratch, threads, item_rows)
             b.free(scratch)
             return (out, "lanes", (out_channels, n, pool_h, pool_w)), True
         if i == 0 and not tiled:
@@ -1393,12 +1396,11 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                 in_row_len=wq_in * lanes, out_row_len=wq_out * lanes, out_h=out_h, whole_width=(ox0, cols) == (0, out_w))
         b.emit(ex.LANE_CONV, len(r_indices) * lanes * rows * cols, x[0], c, plane_in, out, out_channels, plane_out,
                -1 if res is None else res[0], int(relu), origin, sh * wq_in, sw, rows, cols, lanes, cells_per_strip,
-               co_block, b.weights_u32(bounds), bounds.shape[1] // 2, b.weights_u32(offsets), len(r_indices),
-               b.weights_f32(r_values), b.weights_f32(bias), (oy0 + 1) * wq_out + ox0 + 1,
+               co_block, *strip_arrays, (oy0 + 1) * wq_out + ox0 + 1,
                hq_out if i == 0 and not tiled else 0, wq_out, TILES[1] if tiled else 0, _halo_masks(b) if tiled else 0,
                0, hq_out, item_rows, -1, 0)
-        if csr is not None:
-            b.unrolled[len(b.rows) - 1] = csr
+        if unrolled is not None:
+            b.unrolled[len(b.rows) - 1] = unrolled
     if tiled:
         return (out, "tiles", (out_channels, 1, *image_out)), False
     return (out, "lanes", (out_channels, n, out_h, out_w)), False

@@ -613,11 +613,13 @@ def _force_region_grid(monkeypatch):
     monkeypatch.setattr(plan_module, "LANE_MAX_REGIONS", 10 ** 6)
 
 
+@pytest.mark.parametrize("kernel", ["strips", "unrolled"])
 @pytest.mark.parametrize("regions", ["by-gain", "always"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS), ids=list(CONV_CONFIGS))
 @pytest.mark.parametrize("batch", [16, 20, 40, 64])
-def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
-    """Every conv geometry through the lanes kernel, with fused bias, residual and ReLU; batch 20 leaves
+def test_lane_conv_matches_dense(config, batch, regions, kernel, monkeypatch):
+    """Every conv geometry through the lanes kernels (the strip kernels, and the unrolled code where the plan
+    takes it: these 13x11 maps at 30% density), with fused bias, residual and ReLU; batch 20 leaves
     12 spare lanes. The 7x7 pad-3 input is converted with a 3-cell border. "always": every conv whose
     map has edge pixels with fewer live taps is split into regions (`lane_regions`), however many.
     Convs strided along the row run two cells a gapped strip at 16, 32 and 64 lanes (not 48: batch 40), or on
@@ -625,6 +627,7 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     from sparsert import plan as plan_module
     if regions == "always":
         _force_region_grid(monkeypatch)
+    monkeypatch.setattr(plan_module, "UNROLLED_CONV", int(kernel == "unrolled"))
     torch.manual_seed(0)
     model = _ConvResidual(**CONV_CONFIGS[config]).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
@@ -632,9 +635,14 @@ def test_lane_conv_matches_dense(config, batch, regions, monkeypatch):
     plan = sparse.plan_for(x)
     assert _lane_convs(plan) == 2
     from sparsert.kernels import executor as ex
+    unrolled = plan.ops[plan.ops[:, 0] == ex.LANE_CONV][:, 2 + 30] >= 0
+    if kernel == "strips":
+        assert not unrolled.any()
+    elif config != "depthwise":  # (whose block-diagonal weights, ~4% dense, unroll only in a corner region or two)
+        assert unrolled.all()
     cells_per_strip = {int(row[2 + 14]) for row in plan.ops if row[0] == ex.LANE_CONV}
     item_rows = {int(row[2 + 29]) for row in plan.ops if row[0] == ex.LANE_CONV}
-    if CONV_CONFIGS[config].get("stride", 1) in (2, (2, 2)):
+    if kernel == "strips" and CONV_CONFIGS[config].get("stride", 1) in (2, (2, 2)):
         lanes = {int(row[2 + 13]) for row in plan.ops if row[0] == ex.LANE_CONV}.pop()  # (a split batch's share)
         if batch == 40:
             assert cells_per_strip == {1} and item_rows == {1}
@@ -706,9 +714,11 @@ def test_lanes_convs_compute_rows_in_pairs_with_the_same_sums(batch, monkeypatch
     """A lanes conv's work items cover two output rows (plan.LANE_ITEM_ROWS, LANE_STRIDED_ITEM_ROWS at stride 2,
     POOLED_ITEM_ROWS in a conv fused with its max pool: one
     row_pair_strip where both rows fill a wide strip, the rows one by one elsewhere: odd heights, short segments). Each output is the same
-    sum in the same order as with one row an item, so the two plans agree bit for bit, over a NaN arena."""
+    sum in the same order as with one row an item, so the two plans agree bit for bit, over a NaN arena. (The strip
+    kernels: the unrolled code, which these maps would take, has no row items.)"""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
+    monkeypatch.setattr(plan_module, "UNROLLED_CONV", 0)
     model = _lane_net()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
     x = torch.randn(batch, 3, 30, 26)
@@ -1050,8 +1060,10 @@ def test_small_map_conv_splits_into_regions_without_padding_taps():
 def test_lane_conv_sums_channel_blocks_before_the_relu(monkeypatch):
     """Force one input channel per block: every block after the first adds to the partial sums in the
     output, and the ReLU (and nothing else) waits for the last block. A ReLU applied per block, or a
-    residual or bias added twice, would change the result."""
+    residual or bias added twice, would change the result. (The strip kernels: the unrolled code, which these maps
+    would take, sums all channels in registers.)"""
     from sparsert import plan as plan_module
+    monkeypatch.setattr(plan_module, "UNROLLED_CONV", 0)
     monkeypatch.setattr(plan_module, "LANE_WINDOW_BYTES", 1)
     monkeypatch.setattr(plan_module, "LANE_BLOCK_MIN_NNZ", 0.0)
     monkeypatch.setattr(plan_module, "LANE_BLOCK_STRIP_NNZ", 0)

@@ -104,8 +104,9 @@ def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, h
     positions = kernels.lane_offsets(np.asarray(csr.indices), (kernel, kernel), (1, 1), (hw + 2) * wq_in * lanes, wq_in,
                                      lanes).astype(np.int64)
     plane_out = (out_hw + 2) * wq_out * lanes
-    code, weights, starts = unrolled.build_conv(indptr, positions, np.asarray(csr.data, np.float32), bias.numpy(),
-                                                plane_out, has_residual, relu)
+    functions, weights, starts = unrolled.conv_functions(indptr, positions, np.asarray(csr.data, np.float32),
+                                                         bias.numpy(), plane_out, has_residual, relu)
+    code = unrolled.UnrolledCode(functions)
     assert len(starts) == -(-c_out // unrolled.ACCUMULATORS)
     origin = (1 - pad) * wq_in + 1 - pad
     run = unrolled.unrolled_conv_par if parallel else unrolled.unrolled_conv_seq
