@@ -328,9 +328,19 @@ SPLIT_CHOICE = True
 # it wrote itself. Splitting each op's work instead (rows, channels) made every op read lines the other
 # core had just written: on two threads a plan's ops ran 1.47x slower in order than each alone
 # (torchvision resnet18 98%, batch 64); on one thread 1.06x. Below this share, per-op splitting keeps
-# more work per call and fuller lanes (LANE_MIN_BATCH). Conv nets only: an MLP's Linears stream their
+# more work per call. Conv nets only: an MLP's Linears stream their
 # weights, and split, each core streams all of them instead of half (MLP 90% at batch 64: 0.97x).
-SPLIT_MIN_SHARE = 32
+# (It was 32 until the 25th session; on the Zen 4 at batch 32, shares of 16 against the per-op plan, paired whole
+# calls: CIFAR ResNet18 90% 2.4x, 98% 1.10x; torchvision resnet18 90% 1.67x, 98% 1.49x.)
+SPLIT_MIN_SHARE = 16
+# ... and a thread's share runs as several parts, one after another, where its largest activation map would
+# outgrow this: a part of a multiple of 16 images (one lane vector) whose map fits, or else of 16. Each part
+# streams all the weights again, but its maps, the input and residual a conv reads beside the map it writes,
+# stay in cache (L2 1 MB, L3 32 MB shared by both cores). Zen 4, paired whole calls, parts of 16 against one
+# part a thread: CIFAR ResNet18 (256 KB a map an image) batch 64 (8 MB a share) 90% 1.18x, global-98 1.26x,
+# 98% 1.10x; batch 128 1.48x (against 2 parts of 32 a thread: 1.19x); torchvision resnet18 (64 KB) batch 64
+# 90% 1.00x, global-98 0.96x, 98% 0.89x (2 MB a share), batch 128 (4 MB) 0.90x.
+SPLIT_MAX_MAP_BYTES = 6 << 20
 # ... and only where a share's activations (its arena) outweigh half the weights, which every core then
 # streams whole. A/B at batch 64 (split / per-op, medians of paired turns): torchvision resnet18 98% 1.35x
 # (arena / weights 2.0), global-98 1.04x (0.68); CIFAR ResNet18 90% 1.09x (0.69), 98% 1.05x (3.6), global-98
@@ -346,8 +356,9 @@ BAND_BYTES = 256 << 10
 
 
 def batch_parts(shape) -> int:
-    """How many parts a plan splits a batch of images of this shape into: the Numba thread count when the
-    batch divides evenly into shares of at least SPLIT_MIN_SHARE, else 1 (each op splits its own work)."""
+    """How many threads split a batch of images of this shape into shares: the Numba thread count when the
+    batch divides evenly into shares of at least SPLIT_MIN_SHARE, else 1 (each op splits its own work).
+    A share may run in several parts (`thread_parts`)."""
     n = shape[0]
     if len(shape) != 4 or n < 2 * SPLIT_MIN_SHARE:  # every call asks: spare batch 1 the ~1 us thread-count query
         return 1
@@ -355,9 +366,26 @@ def batch_parts(shape) -> int:
     return threads if threads > 1 and n % threads == 0 and n // threads >= SPLIT_MIN_SHARE else 1
 
 
+def thread_parts(gm: torch.fx.GraphModule, input_shape: tuple, threads: int) -> int:
+    """Parts each thread's share of a batch split between `threads` runs in: the fewest whose images, a multiple
+    of the lane vector, keep the largest activation map within SPLIT_MAX_MAP_BYTES (else the smallest such part;
+    1 where the share is no multiple of it)."""
+    share = input_shape[0] // threads
+    try:
+        ShapeProp(gm).propagate(torch.zeros((1, *input_shape[1:])))
+    except Exception:  # a model that takes no single image: its share stays one part (build_plan judges the input)
+        return 1
+    metas = (node.meta.get("tensor_meta") for node in gm.graph.nodes)
+    map_bytes = max(4 * math.prod(m.shape) for m in metas if hasattr(m, "shape"))
+    counts = [k for k in range(1, share + 1) if share % k == 0 and (k == 1 or share // k % kernels.LANE_VECTOR == 0)]
+    return next((k for k in counts if share // k * map_bytes <= SPLIT_MAX_MAP_BYTES), counts[-1])
+
+
 def plan_for_shape(gm: torch.fx.GraphModule, input_shape: tuple, parts: int) -> Plan:
-    """The split plan for `parts` shares where its activations outweigh the weights enough (see above), else
-    the per-op plan."""
+    """The split plan for `parts` threads' shares, each in `thread_parts` parts, where its activations outweigh
+    the weights enough (see above), else the per-op plan."""
+    if parts > 1:
+        parts *= thread_parts(gm, input_shape, parts)
     plan = build_plan(gm, input_shape, parts)
     weight_bytes = sum(a.nbytes for a in (plan.f32, plan.u32, plan.u16, plan.u8))
     if parts > 1 and 4 * plan.part_len < SPLIT_MIN_ARENA_PER_WEIGHT * weight_bytes:

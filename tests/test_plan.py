@@ -628,6 +628,8 @@ def test_lane_conv_matches_dense(config, batch, regions, kernel, monkeypatch):
     if regions == "always":
         _force_region_grid(monkeypatch)
     monkeypatch.setattr(plan_module, "UNROLLED_CONV", int(kernel == "unrolled"))
+    if batch == 40:  # 40 lanes in one plan (split, each share would have 20: batch 20's geometry)
+        monkeypatch.setattr(plan_module, "SPLIT_MIN_SHARE", 32)
     torch.manual_seed(0)
     model = _ConvResidual(**CONV_CONFIGS[config]).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
@@ -913,8 +915,9 @@ def test_split_executor_reaches_run_plan_through_its_address_compiled_on_first_u
 
 
 @pytest.mark.parametrize("shape, threads, parts", [
-    ((64, 3, 32, 32), 2, 2), ((128, 3, 8, 8), 4, 4), ((64, 3, 32, 32), 1, 1),  # shares of >= 32 images
-    ((48, 3, 32, 32), 2, 1), ((65, 3, 32, 32), 2, 1),                           # 24 a share; uneven
+    ((64, 3, 32, 32), 2, 2), ((128, 3, 8, 8), 4, 4), ((64, 3, 32, 32), 1, 1),  # shares of >= 16 images
+    ((32, 3, 32, 32), 2, 2), ((48, 3, 32, 32), 2, 2),                           # 16 and 24 a share
+    ((48, 3, 32, 32), 4, 1), ((65, 3, 32, 32), 2, 1),                           # 12 a share; uneven
     ((64, 1024), 2, 1)])                                                        # an MLP's input
 def test_batch_parts(monkeypatch, shape, threads, parts):
     from sparsert import plan as plan_module
@@ -931,6 +934,34 @@ def test_split_only_where_activations_outweigh_the_weights(monkeypatch, ratio, p
     assert plan.parts == parts and plan.ops[:, 1].any() == (parts == 1)
     with pytest.raises(ValueError, match="does not split"):
         plan_module.build_plan(sparse, (63, 3, 30, 26), 2)
+
+
+@pytest.mark.parametrize("budget_images, parts_a_thread", [(10 ** 6, 1), (32, 2), (20, 4), (1, 4)])
+def test_a_share_runs_in_parts_of_whole_vectors_where_its_largest_map_outgrows_the_budget(
+        monkeypatch, budget_images, parts_a_thread):
+    """plan.thread_parts: a thread's 64 images run as 1 part, 2 of 32 or 4 of 16 (never 8 of 8: a part keeps whole
+    lane vectors), the fewest whose largest activation map fits SPLIT_MAX_MAP_BYTES (here in images' worth of
+    the model's largest map), else 4 of 16; each part in its own part of the arena, outputs joined in batch order."""
+    from sparsert import plan as plan_module
+    from sparsert.kernels import executor as ex
+    model = _lane_net()
+    sparse = sparsert.sparsify(model, min_sparsity=0.5)
+    x = torch.randn(128, 3, 30, 26)
+    sizes = [x[0].numel()]
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o[0].numel())) for m in model.modules() if m is not model]
+    with torch.no_grad():
+        model(x[:1])
+    for hook in hooks:
+        hook.remove()
+    monkeypatch.setattr(plan_module, "batch_parts", lambda shape: 2)
+    monkeypatch.setattr(plan_module, "SPLIT_MIN_ARENA_PER_WEIGHT", 0.0)
+    monkeypatch.setattr(plan_module, "SPLIT_MAX_MAP_BYTES", budget_images * 4 * max(sizes))
+    plan = sparse.plan_for(x)
+    parts = 2 * parts_a_thread
+    assert (plan.parts, plan.arena_size) == (parts, parts * plan.part_len)
+    assert {int(row[2 + 13]) for row in plan.ops if row[0] == ex.LANE_CONV} == {128 // parts}  # lanes: a part's images
+    torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
+    assert plan_module.thread_parts(sparse, (48, 3, 30, 26), 2) == 1  # 24 a thread: no part of whole vectors
 
 
 class _ResidualOfItsInput(nn.Module):
