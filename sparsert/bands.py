@@ -2,8 +2,8 @@
 bands of consecutive convs interleaved, so that a band a conv writes is read by the next convs while it is still
 in cache.
 
-Why: a plan that splits the batch runs each 32-image share's ops in order, one whole map after the other. On a
-32 MB L3 a CIFAR ResNet18 share's layer1 map is 9.5 MB (64 channels x 34 x 34 cells x 32 lanes), two shares'
+Why: a plan that splits the batch runs each share's ops in order, one whole map after the other. On a
+32 MB L3 a CIFAR ResNet18 32-image share's layer1 map is 9.5 MB (64 channels x 34 x 34 cells x 32 lanes), two shares'
 maps with their residual outweigh the cache, and every conv read its input and residual back from memory:
 layer1's convs ran 11.6-13.8 ms, against 5.6-7.9 ms for the same rows rerun while in cache (per-layer 98%,
 batch 64, AMD EPYC Zen 3; bench/RESULTS.md). DeepSparse's "pyramids" run such layers depth-first too.
