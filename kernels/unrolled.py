@@ -113,7 +113,7 @@ def _disp8_rows(op, regs: np.ndarray, vvvv: int, base: int, disp8: np.ndarray, b
 def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
     """`_add_imm32` for many values: uint8 [n, 7]."""
     rows = np.empty((len(values), 7), np.uint8)
-    rows[:, :3] = (0x48, 0x81, 0xC0 | register)
+    rows[:, :3] = np.frombuffer(_add_imm32(register, 0)[:3], np.uint8)  # REX.W, opcode, ModRM: then the imm32
     rows[:, 3:] = np.asarray(values, np.int64).astype("<i4").view(np.uint8).reshape(-1, 4)
     return rows
 
