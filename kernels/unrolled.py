@@ -11,7 +11,7 @@ the code is written per layer, the way sparse inference engines JIT their convs:
         vmovups  zmm_x, [x + offset]                        ; one load
         vfmadd231ps zmm_acc[j], zmm_x, [w + 4k]{1to16}      ; per nonzero: weight broadcast from memory
 
-then per channel: + residual, max(0, .) where relu, store. One function per group of G channels computes one
+with each accumulator starting at bias + residual, then per channel max(0, .) where relu, and a store. One function per group of G channels computes one
 16-lane vector of every output cell it is called for; the caller passes the strip's input, output, weight and
 residual pointers (offsets inside the layout are baked in as displacements).
 
@@ -29,11 +29,11 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import njit, prange, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._jit import AVX512, twin
+from ._jit import AVX512, OPTIONS, twin
 
 # Output channels per group: zmm0..29 hold their vectors (one core, 10%, 8x8 and 4x4 maps: 24 -> 30, 42 -> 46 GMAC/s).
 ACCUMULATORS = 30
@@ -119,10 +119,14 @@ def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
 
 
 def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offsets: np.ndarray,
-               has_residual: bool, relu: bool) -> bytes:
-    """Machine code of one group: out[out_offsets[j]] = relu?(w[j] + sum over nonzeros k of channel j of
-    w[n_chan + k] * x[positions[k]] + res[out_offsets[j]]) for j < n_chan, each a 16-float vector (offsets in
+               has_residual: bool, relu: bool, first: bool = True, last: bool = True) -> bytes:
+    """Machine code of one group: out[out_offsets[j]] = relu?(w[j] + res[out_offsets[j]] + sum over nonzeros k of
+    channel j of w[n_chan + k] * x[positions[k]]) for j < n_chan, each a 16-float vector (offsets in
     floats, positions multiples of 16). Nonzeros come sorted by position; owners[k] is nonzero k's channel.
+
+    One block of the input channels among several (`conv_functions`): where not `first`, the sums start from the
+    output's partial sums instead of the bias and residual (and w holds no biases: nonzero k's weight is w[k]);
+    where not `last`, they are stored as they are (no ReLU).
 
     rdi and rdx step forward through the input and the weights (add r64, imm32 at each new window) so that every
     load and FMA takes a one-byte displacement: all 7-byte instructions (10 with four-byte ones), written for all
@@ -132,8 +136,14 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
     positions, owners = np.asarray(positions, np.int64), np.asarray(owners, np.int64)
     n = len(positions)
     head = bytearray()
-    for j in range(n_chan):  # the bias, broadcast (rdx still at the weights' start)
-        head += _evex(_VBROADCASTSS, j, 0, _RDX, True, 4 * j, scale=4)
+    for j in range(n_chan):  # the bias, broadcast (rdx still at the weights' start), or the partial sum
+        if first:
+            head += _evex(_VBROADCASTSS, j, 0, _RDX, True, 4 * j, scale=4)
+            if has_residual:  # read first: a conv may write over its residual, and blocks write partial sums
+                head += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
+        else:
+            head += _evex(_VMOVUPS_LOAD, j, 0, _RSI, True, 4 * int(out_offsets[j]))
+    n_bias = n_chan if first else 0
     slots = np.zeros((n, 4, 7), np.uint8)
     keep = np.zeros((n, 4), bool)
     if n:
@@ -147,7 +157,7 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
         keep[new, 1] = True
         slots[new, 1] = _disp8_rows(_VMOVUPS_LOAD, np.full(new.sum(), _X), 0, _RDI,
                                     (positions[new] - x_base[new]) // 16, False)
-        w_at = n_chan + np.arange(n)
+        w_at = n_bias + np.arange(n)
         w_base = w_at // _W_WINDOW * _W_WINDOW + _W_WINDOW // 2
         w_step = np.diff(w_base, prepend=0)
         keep[:, 2] = w_step != 0
@@ -155,11 +165,10 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
         keep[:, 3] = True
         slots[:, 3] = _disp8_rows(_VFMADD231PS, owners, _X, _RDX, w_at - w_base, True)
     tail = bytearray()
+    relu = relu and last
     if relu:
         tail += _evex(_VPXORD, _ZERO, _ZERO, _ZERO, False)
     for j in range(n_chan):
-        if has_residual:
-            tail += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
         if relu:  # max(0, acc): where acc is NaN, vmaxps returns its second source, so NaN propagates as in torch
             tail += _evex(_VMAXPS, j, _ZERO, j, False)
         tail += _evex(_VMOVUPS_STORE, j, 0, _RSI, True, 4 * int(out_offsets[j]))
@@ -167,40 +176,68 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
 
 
 class UnrolledCode:
-    """Functions laid out in one executable mapping; `addresses[i]` is function i's entry point."""
+    """Functions laid out in one executable mapping; `addresses[i]` is function i's entry point (0 where
+    functions[i] is None: a block a group has no nonzeros in)."""
 
     def __init__(self, functions: list):
         if not available():
             raise RuntimeError("unrolled code needs x86-64 with AVX-512F")
-        starts = np.cumsum([0] + [-(-len(f) // 64) * 64 for f in functions])  # each function on a cache line
+        sizes = [0 if f is None else -(-len(f) // 64) * 64 for f in functions]  # each function on a cache line
+        starts = np.cumsum([0] + sizes)
         self._map = mmap.mmap(-1, max(int(starts[-1]), 1), prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         for start, function in zip(starts, functions):
-            self._map[start:start + len(function)] = function
+            if function is not None:
+                self._map[start:start + len(function)] = function
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self.addresses = np.array([base + int(s) for s in starts[:-1]], np.int64)
+        self.addresses = np.array([0 if f is None else base + int(s) for s, f in zip(starts[:-1], functions)],
+                                  np.int64)
         self.nbytes = int(starts[-1])
 
     def __deepcopy__(self, memo):  # the code never changes once written: a copied plan may share it
         return self
 
 
-def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool):
-    """(functions' machine code, weights float32, starts int64) for a conv whose output channel co has nonzeros
-    indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with `values`:
-    one function per group of ACCUMULATORS channels; group g reads weights[starts[g]:] (its biases, then its
-    nonzeros in position order) and writes channel co's vector at co * out_plane floats from the output pointer."""
+def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool,
+                   block_span: int = 0):
+    """(functions' machine code, weights float32, starts int64, blocks) for a conv whose output channel co has
+    nonzeros indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with
+    `values`: per group of ACCUMULATORS channels, one function per block of input positions `block_span` floats long
+    (whole input channels; 0: one block), group g's block k at [g * blocks + k] (None where the group has no
+    nonzeros in it, unless it holds the bias or the epilogue). Each reads weights[starts[g * blocks + k]:] (the
+    first of a group its biases, then its nonzeros in position order) and writes channel co's vector at
+    co * out_plane floats from the output pointer; blocks after a group's first add to what it wrote.
+
+    Why blocks: a group reads every input channel its 30 channels touch (a 4x4 map's 512 channels at 90%: all of
+    them, 295 KB a cell). Called block by block over a band's cells, each block's input window stays in L1 while
+    the band's cells reuse it, and the group's partial sums for those cells stay there too."""
     n_out = len(indptr) - 1
-    functions, weights, starts = [], [], [0]
+    positions = np.asarray(positions, np.int64)
+    n_blocks = 1 if block_span <= 0 or len(positions) == 0 else int(positions.max() // block_span) + 1
+    functions, weights, starts, at = [], [], [], 0
     for g0 in range(0, n_out, ACCUMULATORS):
         chans = np.arange(g0, min(n_out, g0 + ACCUMULATORS))
         lo, hi = int(indptr[g0]), int(indptr[chans[-1] + 1])
         owners = np.repeat(chans - g0, np.diff(indptr[g0:chans[-1] + 2]))
         order = np.argsort(positions[lo:hi], kind="stable")
         group_positions, group_owners = positions[lo:hi][order], owners[order]
-        functions.append(group_code(group_positions, group_owners, len(chans), chans * out_plane, has_residual, relu))
-        weights.append(np.concatenate([bias[chans], values[lo:hi][order]]).astype(np.float32))
-        starts.append(starts[-1] + len(weights[-1]))
-    return functions, np.concatenate(weights), np.array(starts[:-1], np.int64)
+        group_values = np.asarray(values[lo:hi])[order]
+        # Sorted positions: each block is one run of them.
+        cuts = np.searchsorted(group_positions, np.arange(n_blocks + 1) * block_span) if n_blocks > 1 else [0, hi - lo]
+        used = [k for k in range(n_blocks) if cuts[k + 1] > cuts[k]] or [0]
+        for k in range(n_blocks):
+            if k not in used:
+                functions.append(None)
+                starts.append(at)
+                continue
+            first, last = k == used[0], k == used[-1]
+            a, z = int(cuts[k]), int(cuts[k + 1])
+            functions.append(group_code(group_positions[a:z], group_owners[a:z], len(chans), chans * out_plane,
+                                        has_residual, relu, first, last))
+            block_weights = group_values[a:z] if not first else np.concatenate([bias[chans], group_values[a:z]])
+            weights.append(np.asarray(block_weights, np.float32))
+            starts.append(at)
+            at += len(weights[-1])
+    return functions, np.concatenate(weights), np.array(starts, np.int64), n_blocks
 
 
 @intrinsic
@@ -226,27 +263,47 @@ def call_group(typingctx, address, x, x_at, out, out_at, w, w_at, res, res_at):
     return sig, codegen
 
 
-def _unrolled_conv(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin, out_h,
-                   out_w, lanes, block_rows):
+def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin,
+                   out_h, out_w, lanes, block_rows, blocks_outer):
     """The lanes conv (lanes.py's `_lane_conv` addressing: output cell (oy, ox) reads from input cell origin +
     oy * step_y + ox * step_x, writes cell out_origin + oy * wq_out + ox; x, out, residual flat) through the
-    unrolled group functions of `conv_functions`: group g's address is words[2g] | words[2g + 1] << 32, its weights
-    start at starts[g]; residual is read where the code was built with it.
+    unrolled functions of `conv_functions`: group g's block k has the address words[2i] | words[2i + 1] << 32
+    (i = g * n_blocks + k; 0: none), its weights start at starts[i]; residual is read where the code was built
+    with it.
 
     Order: each 16-lane vector of the cells, then bands of block_rows output rows, then the groups (in parallel),
-    then the band's cells. Every group reads every input channel, so with groups outermost each group streamed the
-    whole input from L3 again (a CIFAR ResNet18 share's layer4 input is 2.4 MB); a band's input rows for one vector
-    (the plan sizes block_rows to UNROLLED_WINDOW_BYTES) stay in L2 while all the groups' code runs over it."""
+    then their blocks in order, then the band's cells. Every group reads every input channel, so with groups
+    outermost each group streamed the whole input from L3 again (a CIFAR ResNet18 share's layer4 input is 2.4 MB);
+    a band's input rows for one vector (the plan sizes block_rows to UNROLLED_WINDOW_BYTES) stay in L2 while all the
+    groups' code runs over it, and one block's rows in L1 while its function runs over the band's cells."""
     n_vec = lanes // 16
+    n_groups = len(starts) // n_blocks
     for v in range(n_vec):
         for oy0 in range(0, out_h, block_rows):
-            for g in prange(len(starts)):
-                address = np.int64(words[2 * g]) | (np.int64(words[2 * g + 1]) << 32)
-                for oy in range(oy0, min(out_h, oy0 + block_rows)):
-                    for ox in range(out_w):
-                        src = (origin + oy * step_y + ox * step_x) * lanes + 16 * v
-                        dst = (out_origin + oy * wq_out + ox) * lanes + 16 * v
-                        call_group(address, x, src, out, dst, weights, np.intp(starts[g]), residual, dst)
+            if blocks_outer:
+                for k in range(n_blocks):
+                    for g in prange(n_groups):
+                        _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out,
+                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k)
+            else:
+                for g in prange(n_groups):
+                    for k in range(n_blocks):
+                        _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out,
+                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k)
+
+
+@njit(inline="always", **OPTIONS)
+def _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin, out_h,
+                   out_w, lanes, block_rows, v, oy0, i):
+    """Function i of the unrolled conv over one band's cells, vector v."""
+    address = np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
+    if address == 0:
+        return
+    for oy in range(oy0, min(out_h, oy0 + block_rows)):
+        for ox in range(out_w):
+            src = (origin + oy * step_y + ox * step_x) * lanes + 16 * v
+            dst = (out_origin + oy * wq_out + ox) * lanes + 16 * v
+            call_group(address, x, src, out, dst, weights, np.intp(starts[i]), residual, dst)
 
 
 unrolled_conv_par, unrolled_conv_seq = twin(_unrolled_conv)

@@ -1052,6 +1052,7 @@ LANE_BLOCK_MIN_NNZ = 8     # nonzeros per row a channel block must hold to pay i
 LANE_BLOCK_STRIP_NNZ = 25  # nonzeros per row a channel block gets even past the window (lane_channel_block)
 LANE_REGION_GAIN = 1.15    # split a stride-1 lane conv into regions where region_cost rates that this much faster
 LANE_STRIDED_REGION_GAIN = 1.3  # ... a strided one where the split saves this much work
+UNROLLED_REGION_GAIN = 1.3  # ... a stride-1 one a serial plan unrolls: row regions of a 4x4 map (1.2) stay whole
 LANE_MAX_REGIONS = 9       # ... into at most this many (a 3x3 conv's 9; each region is one more op to launch)
 LANE_STRIP_EXPONENT = 0.5  # region_cost: a strip of v of a whole strip's V vectors runs at (v / V) ** this of its speed
 LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
@@ -1063,6 +1064,9 @@ UNROLLED_MAX_CELLS = 1024  # unrolled only on output maps of at most this many c
 UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
 UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer: 32x32 and 16x16 maps 1.2-1.3x
                              # slower unrolled, 8x8 and 4x4 even (0.9-1.1), 2x2 and 1x1 1.5-1.9x faster
+UNROLLED_BLOCK_BYTES = 64 << 10     # a serial plan's unrolled convs: input window of a block of channels (0: no blocks),
+UNROLLED_PARTIAL_BYTES = 256 << 10  # partial sums of a band's cells (`unrolled_bands`)
+UNROLLED_MIN_BLOCK_CHANNELS = 8
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -1256,10 +1260,10 @@ def region_cost(regions, tap_nnz, lanes: int, cells_per_strip: int) -> float:
 
 
 def lane_region_split(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads, tap_nnz,
-                      lanes: int, cells_per_strip: int, whole) -> list:
+                      lanes: int, cells_per_strip: int, whole, gain: float = LANE_REGION_GAIN) -> list:
     """The regions a lanes conv runs as. Stride 1: the whole map (one op), a grid of regions of equal live
-    taps, or regions of whole rows, whichever `region_cost` rates fastest; a split must beat one op by
-    LANE_REGION_GAIN. Strided: the grid where it saves LANE_STRIDED_REGION_GAIN of the multiply-adds, else
+    taps, or regions of whole rows, whichever `region_cost` rates fastest; a split must beat one op by `gain`.
+    Strided: the grid where it saves LANE_STRIDED_REGION_GAIN of the multiply-adds, else
     the whole map. At most LANE_MAX_REGIONS regions.
 
     Measured per layer, ops of two plans interleaved turn by turn (batch 64 split into two 32-lane shares):
@@ -1274,7 +1278,7 @@ def lane_region_split(h: int, w: int, out_h: int, out_w: int, kernel_size, strid
         if split_work * LANE_STRIDED_REGION_GAIN > whole_work or len(regions) > LANE_MAX_REGIONS:
             return [whole]
         return regions
-    best, best_cost = [whole], region_cost([whole], tap_nnz, lanes, cells_per_strip) / LANE_REGION_GAIN
+    best, best_cost = [whole], region_cost([whole], tap_nnz, lanes, cells_per_strip) / gain
     for whole_rows in (False, True):
         regions = lane_regions(h, w, out_h, out_w, kernel_size, stride, dilation, pads, whole_rows)
         if 1 < len(regions) <= LANE_MAX_REGIONS:
@@ -1355,8 +1359,11 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         cells_per_strip, item_rows = lane_strip_cells(lanes), 2
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip, item_rows = (2 if lanes in kernels.PAIR_CELL_SIZES else 1), 1
+    # A serial plan's unrolled conv: each region is its own code, streamed again for every share (see UNROLLED_REGION_GAIN)
+    gain = (UNROLLED_REGION_GAIN if b.serial and pool is None and not tiled
+            and _unrolls(lanes, out_h * out_w, len(indices), out_channels * c * int(whole[4].sum())) else LANE_REGION_GAIN)
     regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,
-                                                      lanes, cells_per_strip, whole)
+                                                      lanes, cells_per_strip, whole, gain)
     layout = "tiles" if tiled else "lanes"
     native_res = res is not None and res[1] == layout
     if res is not None:
@@ -1396,11 +1403,10 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                                                    out_channels * c * int(live.sum())):
             # The CSR in its own order (kernels.unrolled sorts each group's nonzeros by position); its code is
             # written once the ReLU flag and residual are final (`_unroll`). The strip kernels' arrays are not stored.
-            input_row_bytes = c * wq_in * 4 * kernels.LANE_VECTOR  # one vector of every cell of an input row
-            window_rows = max(1, UNROLLED_WINDOW_BYTES // input_row_bytes)  # input rows a band's window holds
-            block_rows = max(1, (window_rows - ((kh - 1) * dilation[0] + 1)) // sh + 1)
+            block_rows, block_channels = unrolled_bands(c, out_channels, rows, cols, wq_in,
+                                                        (kh - 1) * dilation[0] + 1, sh, b.serial)
             unrolled = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32),
-                        np.asarray(bias, np.float32), plane_out, block_rows)
+                        np.asarray(bias, np.float32), plane_out, block_rows, block_channels * plane_in)
             strip_arrays = (0, 0, 0, len(r_indices), 0, 0)
         else:
             bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
@@ -1434,6 +1440,29 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     return (out, "lanes", (out_channels, n, out_h, out_w)), False
 
 
+def unrolled_bands(c: int, out_channels: int, rows: int, cols: int, wq_in: int, reach: int, stride: int,
+                   serial: bool) -> tuple[int, int]:
+    """(output rows a band, input channels a block; 0: one block) of an unrolled conv over `rows` x `cols` output
+    cells (kernels.unrolled: its functions run band by band, each over the band's cells).
+
+    Per-op plans (groups in parallel, each group's blocks in turn): bands whose input rows, one vector of every
+    channel, fit UNROLLED_WINDOW_BYTES (in L2 while every group's code runs over it), one block. A serial plan (one
+    share of a split batch) runs block by block, every group within a block: a band holds as many rows as keep the
+    partial sums of all its output channels within UNROLLED_PARTIAL_BYTES, and a block as many input channels as
+    keep its window within UNROLLED_BLOCK_BYTES. Each group's function of a block (a few KB of code) then runs over
+    every cell of the band from L1, where a whole group's function (100+ KB on a 512-channel 4x4 map) came from L2
+    or L3 again for every band of one row."""
+    vector = 4 * kernels.LANE_VECTOR
+    if serial and UNROLLED_BLOCK_BYTES:
+        band = max(1, min(rows, UNROLLED_PARTIAL_BYTES // (out_channels * cols * vector)))
+        in_rows = (band - 1) * stride + reach
+        channels = UNROLLED_BLOCK_BYTES // (in_rows * wq_in * vector)
+        if channels >= UNROLLED_MIN_BLOCK_CHANNELS:
+            return band, 0 if channels >= c else int(channels)
+    window_rows = max(1, UNROLLED_WINDOW_BYTES // (c * wq_in * vector))  # input rows a band's window holds
+    return max(1, (window_rows - reach) // stride + 1), 0
+
+
 def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
     """Whether a lanes conv runs as unrolled machine code (kernels.unrolled) rather than the strip kernels."""
     return bool(UNROLLED_CONV and kernels.unrolled_available() and lanes % kernels.LANE_VECTOR == 0
@@ -1443,22 +1472,23 @@ def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
 
 def _unroll(b: _Builder):
     """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
-    residuals are final, all into one executable mapping: per op, its table in u32 (groups, rows a band, address
-    words, weight starts) and its weights in f32."""
+    residuals are final, all into one executable mapping: per op, its table in u32 (functions, rows a band, input
+    channel blocks, address words, weight starts) and its weights in f32."""
     functions, pending = [], []
-    for row, (indptr, positions, values, bias, plane_out, block_rows) in b.unrolled.items():
+    for row, (indptr, positions, values, bias, plane_out, block_rows, block_span) in b.unrolled.items():
         p = b.rows[row][2:]
-        group_functions, weights, starts = kernels.unrolled_conv_functions(indptr, positions, values, bias, plane_out,
-                                                                           p[6] >= 0, p[7] != 0)
-        pending.append((row, len(functions), weights, starts, block_rows))
+        group_functions, weights, starts, n_blocks = kernels.unrolled_conv_functions(
+            indptr, positions, values, bias, plane_out, p[6] >= 0, p[7] != 0, block_span)
+        pending.append((row, len(functions), weights, starts, block_rows, n_blocks))
         functions += group_functions
     if not functions:
         return
     code = kernels.UnrolledCode(functions)
     b.code.append(code)
     words = kernels.address_words(code).reshape(-1, 2)
-    for row, first, weights, starts, block_rows in pending:
-        table = np.concatenate([[len(starts), block_rows], words[first:first + len(starts)].reshape(-1), starts])
+    for row, first, weights, starts, block_rows, n_blocks in pending:
+        table = np.concatenate([[len(starts), block_rows, n_blocks], words[first:first + len(starts)].reshape(-1),
+                                starts])
         b.rows[row][2 + 30] = b.weights_u32(table.astype(np.uint32))
         b.rows[row][2 + 31] = b.weights_f32(weights)
 

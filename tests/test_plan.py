@@ -1052,11 +1052,14 @@ def test_lane_region_split_choice(map_size, lanes, stride, expected):
         assert len(regions) > 1
 
 
-def test_row_regions_read_the_zeroed_border_and_match_dense():
+def test_row_regions_read_the_zeroed_border_and_match_dense(monkeypatch):
     """A 3x3 conv on a 4x4 map at 32 lanes runs as 3 regions of whole rows: each keeps the taps that read the
     input for any of its pixels, so its edge pixels read the zero border through the others. Over a NaN-filled
-    arena a border left unzeroed would show; the residual and ReLU stay fused."""
+    arena a border left unzeroed would show; the residual and ReLU stay fused. (A split batch's serial plan keeps
+    unrolled 4x4 maps whole, UNROLLED_REGION_GAIN: here it splits them as a per-op plan does.)"""
+    from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
+    monkeypatch.setattr(plan_module, "UNROLLED_REGION_GAIN", plan_module.LANE_REGION_GAIN)
     torch.manual_seed(0)
     model = _ConvResidual(kernel_size=3, padding=1).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)

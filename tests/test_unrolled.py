@@ -97,21 +97,35 @@ def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, h
     wq_in, wq_out = hw + 2, out_hw + 2
     x_lanes = _to_lanes(x, (c_in, hw + 2, wq_in, lanes))
     res_lanes = _to_lanes(residual, (c_out, out_hw + 2, wq_out, lanes))
-    out = _aligned(c_out * (out_hw + 2) * wq_out * lanes)
-    out[:] = 7.0  # the border cells must keep it
+    if 0.0 < density < 1.0 and c_in > 6:
+        weight[:, 3:6] = 0.0  # every group's second block of 3 input channels empty: no function for it
     csr = sparsert.formats.CSR.from_dense(weight.reshape(c_out, -1))
     indptr = np.asarray(csr.indptr, np.int64)
-    positions = kernels.lane_offsets(np.asarray(csr.indices), (kernel, kernel), (1, 1), (hw + 2) * wq_in * lanes, wq_in,
+    plane_in = (hw + 2) * wq_in * lanes
+    positions = kernels.lane_offsets(np.asarray(csr.indices), (kernel, kernel), (1, 1), plane_in, wq_in,
                                      lanes).astype(np.int64)
     plane_out = (out_hw + 2) * wq_out * lanes
-    functions, weights, starts = unrolled.conv_functions(indptr, positions, np.asarray(csr.data, np.float32),
-                                                         bias.numpy(), plane_out, has_residual, relu)
-    code = unrolled.UnrolledCode(functions)
-    assert len(starts) == -(-c_out // unrolled.ACCUMULATORS)
     origin = (1 - pad) * wq_in + 1 - pad
     run = unrolled.unrolled_conv_par if parallel else unrolled.unrolled_conv_seq
-    run(unrolled.address_words(code), starts.astype(np.uint32), weights, x_lanes, origin, stride * wq_in, stride,
-        res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes, block_rows)
+    outs = {}
+    for block_channels in (0, 3):  # one block, and blocks of 3 input channels (partial sums through the output)
+        functions, weights, starts, n_blocks = unrolled.conv_functions(
+            indptr, positions, np.asarray(csr.data, np.float32), bias.numpy(), plane_out, has_residual, relu,
+            block_channels * plane_in)
+        code = unrolled.UnrolledCode(functions)
+        n_groups = -(-c_out // unrolled.ACCUMULATORS)
+        assert n_blocks == (1 if block_channels == 0 or csr.nnz == 0 else -(-c_in // block_channels))
+        assert len(starts) == len(functions) == n_groups * n_blocks
+        if block_channels and 0.0 < density < 1.0 and c_in > 6:
+            assert all(functions[g * n_blocks + 1] is None for g in range(n_groups))
+            assert (code.addresses.reshape(n_groups, n_blocks)[:, 1] == 0).all()
+        out = _aligned(c_out * (out_hw + 2) * wq_out * lanes)
+        out[:] = 7.0  # the border cells must keep it
+        run(unrolled.address_words(code), starts.astype(np.uint32), n_blocks, weights, x_lanes, origin, stride * wq_in,
+            stride, res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes, block_rows, not parallel)
+        outs[block_channels] = out
+    # The same sums in the same order: blocks change where partial sums live, not the result (bit for bit).
+    np.testing.assert_array_equal(outs[0], outs[3])
     expected = nn.functional.conv2d(x, weight, bias, stride=stride, padding=pad)
     if has_residual:
         expected = expected + residual
@@ -166,6 +180,47 @@ def test_plan_runs_small_lanes_convs_unrolled(batch, monkeypatch):
         assert (strip_plan.ops[strip_plan.ops[:, 0] == ex.LANE_CONV][:, 2 + 30] == -1).all() and not strip_plan.code
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got, strip_plan(x), rtol=1e-5, atol=1e-5)
+
+
+def _unrolled_tables(plan, layer):
+    """(rows, input-channel blocks) of each unrolled LANE_CONV op lowered from `layer`."""
+    return [(int(row[2 + 11]), int(plan.u32[row[2 + 30] + 2])) for row, name in zip(plan.ops, plan.op_layers)
+            if name == layer and row[0] == ex.LANE_CONV and row[2 + 30] >= 0]
+
+
+def test_serial_plan_runs_unrolled_convs_in_channel_blocks(monkeypatch):
+    """One share of a split batch (a serial plan) runs its unrolled convs block of input channels by block
+    (plan.unrolled_bands): the same sums in the same order as one block, so the same output bit for bit; a
+    per-op plan keeps one block."""
+    model, x = _block(), torch.randn(64, 64, 8, 8)
+    with torch.no_grad():
+        gm = sparsert.sparsify(model)
+        blocked = plan_module.build_plan(gm, tuple(x.shape), parts=2)
+        assert all(blocks > 1 for _, blocks in _unrolled_tables(blocked, "conv1"))
+        assert _unrolled_tables(blocked, "conv1")
+        per_op = plan_module.build_plan(gm, tuple(x.shape), parts=1)
+        assert all(blocks == 1 for _, blocks in _unrolled_tables(per_op, "conv1"))
+        monkeypatch.setattr(plan_module, "UNROLLED_BLOCK_BYTES", 0)
+        one_block = plan_module.build_plan(gm, tuple(x.shape), parts=2)
+        assert all(blocks == 1 for _, blocks in _unrolled_tables(one_block, "conv1"))
+        got = blocked(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, one_block(x))
+
+
+def test_serial_plan_keeps_small_unrolled_maps_whole():
+    """Row regions of a 3x3 conv on a 4x4 map save a sixth of its multiply-adds but make three copies of its code,
+    which a serial plan streams again for every share: there it stays one region (UNROLLED_REGION_GAIN); a per-op
+    plan splits it into regions (LANE_REGION_GAIN)."""
+    model, x = _block(), torch.randn(64, 64, 4, 4)
+    with torch.no_grad():
+        gm = sparsert.sparsify(model)
+        serial = plan_module.build_plan(gm, tuple(x.shape), parts=2)
+        per_op = plan_module.build_plan(gm, tuple(x.shape), parts=1)
+        assert [rows for rows, _ in _unrolled_tables(serial, "conv1")] == [4]
+        assert len(_unrolled_tables(per_op, "conv1")) > 1
+        for plan in (serial, per_op):
+            torch.testing.assert_close(plan(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps():
