@@ -1067,6 +1067,7 @@ UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by l
 UNROLLED_BLOCK_BYTES = 64 << 10     # a serial plan's unrolled convs: input window of a block of channels (0: no blocks),
 UNROLLED_PARTIAL_BYTES = 256 << 10  # partial sums of a band's cells (`unrolled_bands`)
 UNROLLED_MIN_BLOCK_CHANNELS = 8
+UNROLLED_BLOCK_MIN_NNZ = 24
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -1404,7 +1405,8 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             # The CSR in its own order (kernels.unrolled sorts each group's nonzeros by position); its code is
             # written once the ReLU flag and residual are final (`_unroll`). The strip kernels' arrays are not stored.
             block_rows, block_channels = unrolled_bands(c, out_channels, rows, cols, wq_in,
-                                                        (kh - 1) * dilation[0] + 1, sh, b.serial)
+                                                        (kh - 1) * dilation[0] + 1, sh, b.serial,
+                                                        len(r_indices) / max(1, out_channels * c))
             unrolled = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32),
                         np.asarray(bias, np.float32), plane_out, block_rows, block_channels * plane_in)
             strip_arrays = (0, 0, 0, len(r_indices), 0, 0)
@@ -1441,7 +1443,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
 
 
 def unrolled_bands(c: int, out_channels: int, rows: int, cols: int, wq_in: int, reach: int, stride: int,
-                   serial: bool) -> tuple[int, int]:
+                   serial: bool, nnz_per_channel: float = float("inf")) -> tuple[int, int]:
     """(output rows a band, input channels a block; 0: one block) of an unrolled conv over `rows` x `cols` output
     cells (kernels.unrolled: its functions run band by band, each over the band's cells).
 
@@ -1449,7 +1451,10 @@ def unrolled_bands(c: int, out_channels: int, rows: int, cols: int, wq_in: int, 
     channel, fit UNROLLED_WINDOW_BYTES (in L2 while every group's code runs over it), one block. A serial plan (one
     share of a split batch) runs block by block, every group within a block: a band holds as many rows as keep the
     partial sums of all its output channels within UNROLLED_PARTIAL_BYTES, and a block as many input channels as
-    keep its window within UNROLLED_BLOCK_BYTES. Each group's function of a block (a few KB of code) then runs over
+    keep its window within UNROLLED_BLOCK_BYTES, but enough for UNROLLED_BLOCK_MIN_NNZ nonzeros an output channel
+    (`nnz_per_channel`: an output channel's nonzeros from one input channel): each block loads and stores a
+    group's 30 partial sums, which a 1x1 conv's blocks of 9 channels at 10% (one nonzero each) paid for every
+    27 multiply-adds. Each group's function of a block (a few KB of code) then runs over
     every cell of the band from L1, where a whole group's function (100+ KB on a 512-channel 4x4 map) came from L2
     or L3 again for every band of one row."""
     vector = 4 * kernels.LANE_VECTOR
@@ -1458,6 +1463,7 @@ def unrolled_bands(c: int, out_channels: int, rows: int, cols: int, wq_in: int, 
         in_rows = (band - 1) * stride + reach
         channels = UNROLLED_BLOCK_BYTES // (in_rows * wq_in * vector)
         if channels >= UNROLLED_MIN_BLOCK_CHANNELS:
+            channels = max(channels, math.ceil(UNROLLED_BLOCK_MIN_NNZ / max(nnz_per_channel, 1e-9)))
             return band, 0 if channels >= c else int(channels)
     window_rows = max(1, UNROLLED_WINDOW_BYTES // (c * wq_in * vector))  # input rows a band's window holds
     return max(1, (window_rows - reach) // stride + 1), 0

@@ -208,6 +208,22 @@ def test_serial_plan_runs_unrolled_convs_in_channel_blocks(monkeypatch):
         assert torch.equal(got, one_block(x))
 
 
+def test_unrolled_blocks_hold_enough_nonzeros_to_pay_their_partial_sums():
+    """plan.unrolled_bands, 512 channels on a 4x4 map (one 16-lane vector a cell): a serial plan's 3x3 conv at 10%
+    gets blocks whose window fits UNROLLED_BLOCK_BYTES (here more than the UNROLLED_BLOCK_MIN_NNZ floor), a 1x1 conv
+    at 10% blocks of that floor (a window-sized block would hold a nonzero or two an output channel), a per-op plan
+    one block, and a map too wide for a block of UNROLLED_MIN_BLOCK_CHANNELS one block."""
+    bands = plan_module.unrolled_bands
+    rows, channels = bands(512, 512, 4, 4, 6, 3, 1, True, 9 * 0.1)
+    assert 1 <= rows <= 4 and 0 < channels < 512
+    assert channels >= plan_module.UNROLLED_BLOCK_MIN_NNZ / 0.9
+    assert channels * ((rows - 1) + 3) * 6 * 64 <= plan_module.UNROLLED_BLOCK_BYTES
+    assert bands(512, 512, 4, 4, 6, 1, 1, True, 0.1)[1] == plan_module.UNROLLED_BLOCK_MIN_NNZ * 10
+    assert bands(128, 128, 4, 4, 6, 1, 1, True, 0.1)[1] == 0  # the floor holds every channel: one block
+    assert bands(512, 512, 4, 4, 6, 3, 1, False, 0.9)[1] == 0
+    assert bands(64, 64, 32, 32, 34, 3, 1, True, 0.9)[1] == 0
+
+
 def test_serial_plan_keeps_small_unrolled_maps_whole():
     """Row regions of a 3x3 conv on a 4x4 map save a sixth of its multiply-adds but make three copies of its code,
     which a serial plan streams again for every share: there it stays one region (UNROLLED_REGION_GAIN); a per-op
