@@ -11,9 +11,10 @@ the code is written per layer, the way sparse inference engines JIT their convs:
         vmovups  zmm_x, [x + offset]                        ; one load
         vfmadd231ps zmm_acc[j], zmm_x, [w + 4k]{1to16}      ; per nonzero: weight broadcast from memory
 
-with each accumulator starting at bias + residual, then per channel max(0, .) where relu, and a store. One function per group of G channels computes one
-16-lane vector of every output cell it is called for; the caller passes the strip's input, output, weight and
-residual pointers (offsets inside the layout are baked in as displacements).
+with each accumulator starting at bias + residual, then per channel max(0, .) where relu, and a store. One function
+per group of G channels (and block of input channels) computes one 16-lane vector of every output cell it is called
+for; the caller passes the strip's input, output, weight and residual pointers (offsets inside the layout are baked
+in as displacements).
 
 The encoder below writes these few EVEX instructions itself: LLVM took 4 s to compile the same code for a
 128-channel layer and 23 s for a 256-channel one (bench/RESULTS.md); writing the bytes with numpy takes
@@ -207,9 +208,11 @@ def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual
     first of a group its biases, then its nonzeros in position order) and writes channel co's vector at
     co * out_plane floats from the output pointer; blocks after a group's first add to what it wrote.
 
-    Why blocks: a group reads every input channel its 30 channels touch (a 4x4 map's 512 channels at 90%: all of
-    them, 295 KB a cell). Called block by block over a band's cells, each block's input window stays in L1 while
-    the band's cells reuse it, and the group's partial sums for those cells stay there too."""
+    Why blocks: a group's whole function reads every input channel its 30 channels touch (a 4x4 map's 512 channels
+    at 90%: all of them, 295 KB a cell) and holds 100+ KB of code, fetched again from L2 or L3 for every cell. A
+    block's function (a few KB) runs over all of a band's cells from the instruction cache, and every group's
+    function of a block reads the same input window (`_unrolled_conv`); each block after the first loads and stores
+    the group's partial sums (the plan sizes blocks to pay for that: plan.unrolled_bands)."""
     n_out = len(indptr) - 1
     positions = np.asarray(positions, np.int64)
     n_blocks = 1 if block_span <= 0 or len(positions) == 0 else int(positions.max() // block_span) + 1
@@ -271,11 +274,12 @@ def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, 
     (i = g * n_blocks + k; 0: none), its weights start at starts[i]; residual is read where the code was built
     with it.
 
-    Order: each 16-lane vector of the cells, then bands of block_rows output rows, then the groups (in parallel),
-    then their blocks in order, then the band's cells. Every group reads every input channel, so with groups
-    outermost each group streamed the whole input from L3 again (a CIFAR ResNet18 share's layer4 input is 2.4 MB);
-    a band's input rows for one vector (the plan sizes block_rows to UNROLLED_WINDOW_BYTES) stay in L2 while all the
-    groups' code runs over it, and one block's rows in L1 while its function runs over the band's cells."""
+    Order: each 16-lane vector of the cells, then bands of block_rows output rows, then either the groups (in
+    parallel) and each group's blocks in turn, or (blocks_outer, a serial plan's) the blocks and every group within
+    a block; then the band's cells. Every group reads every input channel, so with groups outermost each group
+    streamed the whole input from L3 again (a CIFAR ResNet18 share's layer4 input is 2.4 MB): a band's input rows
+    for one vector stay in L2 while all the groups' code runs over them (the plan sizes the bands), and with blocks
+    outermost one block's window while every group's function of that block runs."""
     n_vec = lanes // 16
     n_groups = len(starts) // n_blocks
     for v in range(n_vec):

@@ -1064,10 +1064,12 @@ UNROLLED_MAX_CELLS = 1024  # unrolled only on output maps of at most this many c
 UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
 UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer: 32x32 and 16x16 maps 1.2-1.3x
                              # slower unrolled, 8x8 and 4x4 even (0.9-1.1), 2x2 and 1x1 1.5-1.9x faster
-UNROLLED_BLOCK_BYTES = 64 << 10     # a serial plan's unrolled convs: input window of a block of channels (0: no blocks),
-UNROLLED_PARTIAL_BYTES = 256 << 10  # partial sums of a band's cells (`unrolled_bands`)
-UNROLLED_MIN_BLOCK_CHANNELS = 8
-UNROLLED_BLOCK_MIN_NNZ = 24
+# A serial plan's unrolled convs run in blocks of input channels (`unrolled_bands`; CIFAR ResNet18 bs 64, paired whole
+# calls: 90% 1.03x, 64 KB against 32 KB 1.07x, 128 KB even; blocks on 32x32 maps, UNROLLED_MIN_BLOCK_CHANNELS 4: 0.97x)
+UNROLLED_BLOCK_BYTES = 64 << 10     # input window of a block (0: one block)
+UNROLLED_PARTIAL_BYTES = 256 << 10  # partial sums of a band's cells (128 KB: 0.97x)
+UNROLLED_MIN_BLOCK_CHANNELS = 8     # no blocks where the window allows fewer channels (32x32 maps)
+UNROLLED_BLOCK_MIN_NNZ = 24         # nonzeros an output channel a block holds at least (0: 0.97x, 48: even)
 
 
 def lane_strip_cells(lanes: int) -> int:
@@ -1454,9 +1456,9 @@ def unrolled_bands(c: int, out_channels: int, rows: int, cols: int, wq_in: int, 
     keep its window within UNROLLED_BLOCK_BYTES, but enough for UNROLLED_BLOCK_MIN_NNZ nonzeros an output channel
     (`nnz_per_channel`: an output channel's nonzeros from one input channel): each block loads and stores a
     group's 30 partial sums, which a 1x1 conv's blocks of 9 channels at 10% (one nonzero each) paid for every
-    27 multiply-adds. Each group's function of a block (a few KB of code) then runs over
-    every cell of the band from L1, where a whole group's function (100+ KB on a 512-channel 4x4 map) came from L2
-    or L3 again for every band of one row."""
+    27 multiply-adds. Each group's function of a block (a few KB of code) then runs over every cell of the band
+    from the instruction cache, where a whole group's function (100+ KB on a 512-channel 4x4 map) came from L2
+    or L3 again for every cell."""
     vector = 4 * kernels.LANE_VECTOR
     if serial and UNROLLED_BLOCK_BYTES:
         band = max(1, min(rows, UNROLLED_PARTIAL_BYTES // (out_channels * cols * vector)))
