@@ -16,7 +16,7 @@ from .sliced import sliced_matvec_par, sliced_matvec_seq
 from .taps import TAP_MAPS, phase_columns, tap_conv_par, tap_conv_seq, tap_order
 from ._jit import AVX512
 from .unrolled import UnrolledCode, address_words, conv_functions as unrolled_conv_functions
-from .unrolled import available as unrolled_available
+from .unrolled import available as unrolled_available, tap_masks as unrolled_tap_masks
 from .strip import PAIR_CELL_SIZES, STRIP_VECTORS, VECTOR_BYTES, WIDE_VECTORS, row_strip
 from . import executor as _executor
 
@@ -57,5 +57,5 @@ __all__ = [
     "sparse_conv_par", "sparse_conv_seq", "tap_offsets",
     "bsr_spmm_par", "bsr_spmm_seq", "csr_matvec_par", "csr_spmm_blocked_par", "csr_spmm_blocked_seq", "csr_matvec_seq", "csr_spmm_dispatch", "csr_spmm_par",
     "csr_spmm_seq", "LANE_VECTOR", "channel_blocks", "lane_count", "lane_offsets", "to_lanes_par", "to_lanes_seq", "rows_to_features_par", "rows_to_features_seq", "sliced_matvec_par", "sliced_matvec_seq", "TAP_MAPS", "phase_columns", "tap_conv_par", "tap_conv_seq", "tap_order", "PAIR_CELL_SIZES", "STRIP_VECTORS", "VECTOR_BYTES", "WIDE_VECTORS", "row_strip", "AVX512",
-    "UnrolledCode", "address_words", "unrolled_conv_functions", "unrolled_available",
+    "UnrolledCode", "address_words", "unrolled_conv_functions", "unrolled_available", "unrolled_tap_masks",
 ]

@@ -95,6 +95,20 @@ def _add_imm32(register: int, value: int) -> bytes:
     return bytes((0x48, 0x81, 0xC0 | register)) + int(value).to_bytes(4, "little", signed=True)
 
 
+# Tap sections (group_code): the entry pointers kept in r9 and r10, a section's bases set from them, its test
+_MOV_R9_RDI, _MOV_R10_RDX = b"\x49\x89\xf9", b"\x49\x89\xd2"  # mov r9, rdi; mov r10, rdx
+_LEA_RDI_R9, _LEA_RDX_R10 = b"\x49\x8d\xb9", b"\x49\x8d\x92"  # lea rdi, [r9 + disp32]; lea rdx, [r10 + disp32]
+_TEST_R8D, _JZ_REL32 = b"\x41\xf7\xc0", b"\x0f\x84"  # test r8d, imm32; jz rel32
+
+
+def _lea_rows(prefix: bytes, values: np.ndarray) -> np.ndarray:
+    """lea (prefix: REX, opcode, ModRM) with a four-byte displacement, for many values: uint8 [n, 7]."""
+    rows = np.empty((len(values), 7), np.uint8)
+    rows[:, :3] = np.frombuffer(prefix, np.uint8)
+    rows[:, 3:] = np.asarray(values, np.int64).astype("<i4").view(np.uint8).reshape(-1, 4)
+    return rows
+
+
 _X_WINDOW = 4080  # floats of input one rdi base reaches with one-byte displacements (-2048 .. +2032)
 _W_WINDOW = 256   # weights one rdx base reaches (-128 .. +127)
 
@@ -120,7 +134,8 @@ def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
 
 
 def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offsets: np.ndarray,
-               has_residual: bool, relu: bool, first: bool = True, last: bool = True) -> bytes:
+               has_residual: bool, relu: bool, first: bool = True, last: bool = True,
+               taps: np.ndarray | None = None) -> bytes:
     """Machine code of one group: out[out_offsets[j]] = relu?(w[j] + res[out_offsets[j]] + sum over nonzeros k of
     channel j of w[n_chan + k] * x[positions[k]]) for j < n_chan, each a 16-float vector (offsets in
     floats, positions multiples of 16). Nonzeros come sorted by position; owners[k] is nonzero k's channel.
@@ -129,13 +144,25 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
     output's partial sums instead of the bias and residual (and w holds no biases: nonzero k's weight is w[k]);
     where not `last`, they are stored as they are (no ReLU).
 
+    taps (each nonzero's tap, 0-31; nonzeros sorted by tap, then position): the code runs in one section per tap,
+    each only where bit `tap` of the call's mask (its fifth argument, r8) is set. A cell at the map's edge passes
+    the taps that read inside the input, so it skips the nonzeros that would multiply the zero border: on a 4x4
+    map a 3x3 conv's border taps are 31% of its multiply-adds, which one section per tap skips without a second
+    copy of the code (the strip kernels cut the map into regions instead, each with its own nonzeros).
+
     rdi and rdx step forward through the input and the weights (add r64, imm32 at each new window) so that every
     load and FMA takes a one-byte displacement: all 7-byte instructions (10 with four-byte ones), written for all
-    nonzeros at once with numpy: per nonzero the slots [move rdi, load x, move rdx, FMA], those needed kept."""
+    nonzeros at once with numpy: per nonzero the slots [move rdi, load x, move rdx, FMA], those needed kept. A
+    section sets rdi and rdx from the entry pointers (kept in r9 and r10) with lea, so that skipping one leaves
+    the next one's addresses right."""
     if not 0 < n_chan <= ACCUMULATORS:
         raise ValueError(f"a group holds 1-{ACCUMULATORS} channels, got {n_chan}")
     positions, owners = np.asarray(positions, np.int64), np.asarray(owners, np.int64)
     n = len(positions)
+    sectioned = taps is not None
+    taps = np.zeros(n, np.int64) if taps is None else np.asarray(taps, np.int64)
+    if n and (taps.min() < 0 or taps.max() >= 32):
+        raise ValueError("taps must be 0-31 (one bit each of the call's mask)")
     head = bytearray()
     for j in range(n_chan):  # the bias, broadcast (rdx still at the weights' start), or the partial sum
         if first:
@@ -144,27 +171,47 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
                 head += _evex(_VADDPS, j, j, _RCX, True, 4 * int(out_offsets[j]))
         else:
             head += _evex(_VMOVUPS_LOAD, j, 0, _RSI, True, 4 * int(out_offsets[j]))
+    if sectioned:
+        head += _MOV_R9_RDI + _MOV_R10_RDX
     n_bias = n_chan if first else 0
     slots = np.zeros((n, 4, 7), np.uint8)
     keep = np.zeros((n, 4), bool)
+    section_starts = np.zeros(0, np.int64)
     if n:
+        section = np.ones(n, bool)  # a section's first nonzero
+        section[1:] = taps[1:] != taps[:-1]
+        section_starts = np.flatnonzero(section)
         new = np.ones(n, bool)
         new[1:] = positions[1:] != positions[:-1]
+        new |= section
         x_base = positions // _X_WINDOW * _X_WINDOW + 2048
         x_step = np.diff(x_base[new], prepend=0)  # each load's base against the previous load's
-        moves = np.flatnonzero(new)[x_step != 0]
+        loads = np.flatnonzero(new)
+        moves = loads[x_step != 0]
         keep[moves, 0] = True
         slots[moves, 0] = _add_rows(_RDI, 4 * x_step[x_step != 0])
-        keep[new, 1] = True
-        slots[new, 1] = _disp8_rows(_VMOVUPS_LOAD, np.full(new.sum(), _X), 0, _RDI,
-                                    (positions[new] - x_base[new]) // 16, False)
         w_at = n_bias + np.arange(n)
         w_base = w_at // _W_WINDOW * _W_WINDOW + _W_WINDOW // 2
         w_step = np.diff(w_base, prepend=0)
         keep[:, 2] = w_step != 0
         slots[keep[:, 2], 2] = _add_rows(_RDX, 4 * w_step[keep[:, 2]])
+        if sectioned:  # each section's first nonzero sets both bases from the entry pointers
+            keep[section_starts, 0] = keep[section_starts, 2] = True
+            slots[section_starts, 0] = _lea_rows(_LEA_RDI_R9, 4 * x_base[section_starts])
+            slots[section_starts, 2] = _lea_rows(_LEA_RDX_R10, 4 * w_base[section_starts])
+        keep[new, 1] = True
+        slots[new, 1] = _disp8_rows(_VMOVUPS_LOAD, np.full(new.sum(), _X), 0, _RDI,
+                                    (positions[new] - x_base[new]) // 16, False)
         keep[:, 3] = True
         slots[:, 3] = _disp8_rows(_VFMADD231PS, owners, _X, _RDX, w_at - w_base, True)
+    body = bytearray()
+    bounds = list(section_starts) + [n]
+    for a, z in zip(bounds[:-1], bounds[1:]):
+        section_bytes = slots[a:z][keep[a:z]].tobytes()
+        if sectioned:  # test r8d, 1 << tap; jz past the section
+            body += _TEST_R8D + (1 << int(taps[a])).to_bytes(4, "little") + _JZ_REL32
+            body += len(section_bytes).to_bytes(4, "little", signed=True)
+        body += section_bytes
     tail = bytearray()
     relu = relu and last
     if relu:
@@ -173,7 +220,7 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
         if relu:  # max(0, acc): where acc is NaN, vmaxps returns its second source, so NaN propagates as in torch
             tail += _evex(_VMAXPS, j, _ZERO, j, False)
         tail += _evex(_VMOVUPS_STORE, j, 0, _RSI, True, 4 * int(out_offsets[j]))
-    return bytes(head) + slots[keep].tobytes() + bytes(tail) + _VZEROUPPER + _RET
+    return bytes(head) + bytes(body) + bytes(tail) + _VZEROUPPER + _RET
 
 
 class UnrolledCode:
@@ -199,7 +246,7 @@ class UnrolledCode:
 
 
 def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual: bool, relu: bool,
-                   block_span: int = 0):
+                   block_span: int = 0, taps=None):
     """(functions' machine code, weights float32, starts int64, blocks) for a conv whose output channel co has
     nonzeros indptr[co]:indptr[co + 1] at input positions `positions` (floats from a strip's first input) with
     `values`: per group of ACCUMULATORS channels, one function per block of input positions `block_span` floats long
@@ -212,7 +259,10 @@ def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual
     at 90%: all of them, 295 KB a cell) and holds 100+ KB of code, fetched again from L2 or L3 for every cell. A
     block's function (a few KB) runs over all of a band's cells from the instruction cache, and every group's
     function of a block reads the same input window (`_unrolled_conv`); each block after the first loads and stores
-    the group's partial sums (the plan sizes blocks to pay for that: plan.unrolled_bands)."""
+    the group's partial sums (the plan sizes blocks to pay for that: plan.unrolled_bands).
+
+    taps (each nonzero's tap, 0-31, or None): each function runs its nonzeros tap by tap, each tap only where the
+    call's mask holds it (`group_code`, `tap_masks`)."""
     n_out = len(indptr) - 1
     positions = np.asarray(positions, np.int64)
     n_blocks = 1 if block_span <= 0 or len(positions) == 0 else int(positions.max() // block_span) + 1
@@ -224,6 +274,7 @@ def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual
         order = np.argsort(positions[lo:hi], kind="stable")
         group_positions, group_owners = positions[lo:hi][order], owners[order]
         group_values = np.asarray(values[lo:hi])[order]
+        group_taps = None if taps is None else np.asarray(taps, np.int64)[lo:hi][order]
         # Sorted positions: each block is one run of them.
         cuts = np.searchsorted(group_positions, np.arange(n_blocks + 1) * block_span) if n_blocks > 1 else [0, hi - lo]
         used = [k for k in range(n_blocks) if cuts[k + 1] > cuts[k]] or [0]
@@ -234,45 +285,68 @@ def conv_functions(indptr, positions, values, bias, out_plane: int, has_residual
                 continue
             first, last = k == used[0], k == used[-1]
             a, z = int(cuts[k]), int(cuts[k + 1])
-            functions.append(group_code(group_positions[a:z], group_owners[a:z], len(chans), chans * out_plane,
-                                        has_residual, relu, first, last))
-            block_weights = group_values[a:z] if not first else np.concatenate([bias[chans], group_values[a:z]])
+            by_tap = np.arange(a, z) if group_taps is None else a + np.argsort(group_taps[a:z], kind="stable")
+            functions.append(group_code(group_positions[by_tap], group_owners[by_tap], len(chans), chans * out_plane,
+                                        has_residual, relu, first, last,
+                                        None if group_taps is None else group_taps[by_tap]))
+            block_values = group_values[by_tap]
+            block_weights = block_values if not first else np.concatenate([bias[chans], block_values])
             weights.append(np.asarray(block_weights, np.float32))
             starts.append(at)
             at += len(weights[-1])
     return functions, np.concatenate(weights), np.array(starts, np.int64), n_blocks
 
 
+def tap_masks(h: int, w: int, out_h: int, out_w: int, kernel_size, stride, dilation, pads) -> tuple:
+    """(row masks uint32 [out_h], column masks uint32 [out_w]) of a conv whose nonzeros carry their taps
+    (`conv_functions`): bit t of row oy's mask is set where tap t's kernel row reads an input row inside the map at
+    output row oy, likewise for columns, so output cell (oy, ox) runs the taps of rows[oy] & columns[ox]. Convs
+    of more than 32 taps run every tap (all bits set)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    rows, columns = np.full(out_h, 0xFFFFFFFF, np.uint32), np.full(out_w, 0xFFFFFFFF, np.uint32)
+    if kh * kw > 32:
+        return rows, columns
+    ky, kx = np.divmod(np.arange(kh * kw), kw)
+    bits = (1 << np.arange(kh * kw)).astype(np.int64)
+    for out_cells, masks, size, step, dil, pad, k in ((out_h, rows, h, sh, dh, pads[0], ky),
+                                                       (out_w, columns, w, sw, dw, pads[2], kx)):
+        for o in range(out_cells):
+            at = o * step - pad + k * dil
+            masks[o] = int(bits[(at >= 0) & (at < size)].sum())
+    return rows, columns
+
+
 @intrinsic
-def call_group(typingctx, address, x, x_at, out, out_at, w, w_at, res, res_at):
+def call_group(typingctx, address, x, x_at, out, out_at, w, w_at, res, res_at, mask):
     """Call the unrolled group function at `address` with pointers to x[x_at], out[out_at], w[w_at], res[res_at]
-    (flat float32 arrays)."""
+    (flat float32 arrays) and the taps `mask` (functions written without tap sections ignore it)."""
     for name, a in (("x", x), ("out", out), ("w", w), ("res", res)):
         if not isinstance(a, types.Array) or a.layout != "C" or a.dtype != types.float32:
             raise TypingError(f"call_group: {name} must be a C-contiguous float32 array, got {a}")
-    sig = types.void(types.int64, x, types.intp, out, types.intp, w, types.intp, res, types.intp)
+    sig = types.void(types.int64, x, types.intp, out, types.intp, w, types.intp, res, types.intp, types.int64)
 
     def codegen(context, builder, signature, args):
         f32p = ir.FloatType().as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [f32p, f32p, f32p, f32p])
+        fnty = ir.FunctionType(ir.VoidType(), [f32p, f32p, f32p, f32p, ir.IntType(64)])
         pointers = []
         for array, at, arg_type in ((args[1], args[2], signature.args[1]), (args[3], args[4], signature.args[3]),
                                     (args[5], args[6], signature.args[5]), (args[7], args[8], signature.args[7])):
             data = context.make_array(arg_type)(context, builder, array).data
             pointers.append(builder.gep(data, [at]))
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), pointers)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), pointers + [args[9]])
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin,
-                   out_h, out_w, lanes, block_rows, blocks_outer):
+                   out_h, out_w, lanes, block_rows, blocks_outer, row_masks, col_masks):
     """The lanes conv (lanes.py's `_lane_conv` addressing: output cell (oy, ox) reads from input cell origin +
     oy * step_y + ox * step_x, writes cell out_origin + oy * wq_out + ox; x, out, residual flat) through the
     unrolled functions of `conv_functions`: group g's block k has the address words[2i] | words[2i + 1] << 32
     (i = g * n_blocks + k; 0: none), its weights start at starts[i]; residual is read where the code was built
-    with it.
+    with it. Output cell (oy, ox) of the whole map (border excluded, wq_out cells a row with border) runs the taps
+    of row_masks[oy] & col_masks[ox] (`tap_masks`).
 
     Order: each 16-lane vector of the cells, then bands of block_rows output rows, then either the groups (in
     parallel) and each group's blocks in turn, or (blocks_outer, a serial plan's) the blocks and every group within
@@ -288,26 +362,31 @@ def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, 
                 for k in range(n_blocks):
                     for g in prange(n_groups):
                         _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out,
-                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k)
+                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k,
+                                       row_masks, col_masks)
             else:
                 for g in prange(n_groups):
                     for k in range(n_blocks):
                         _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out,
-                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k)
+                                       out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k,
+                                       row_masks, col_masks)
 
 
 @njit(inline="always", **OPTIONS)
 def _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin, out_h,
-                   out_w, lanes, block_rows, v, oy0, i):
+                   out_w, lanes, block_rows, v, oy0, i, row_masks, col_masks):
     """Function i of the unrolled conv over one band's cells, vector v."""
     address = np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
     if address == 0:
         return
+    first_col = out_origin % wq_out - 1  # the op's first column in the whole map (an op or band may start anywhere)
     for oy in range(oy0, min(out_h, oy0 + block_rows)):
+        row_mask = np.int64(row_masks[(out_origin + oy * wq_out) // wq_out - 1])
         for ox in range(out_w):
             src = (origin + oy * step_y + ox * step_x) * lanes + 16 * v
             dst = (out_origin + oy * wq_out + ox) * lanes + 16 * v
-            call_group(address, x, src, out, dst, weights, np.intp(starts[i]), residual, dst)
+            call_group(address, x, src, out, dst, weights, np.intp(starts[i]), residual, dst,
+                       row_mask & np.int64(col_masks[first_col + ox]))
 
 
 unrolled_conv_par, unrolled_conv_seq = twin(_unrolled_conv)

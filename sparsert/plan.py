@@ -1059,6 +1059,7 @@ LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 # Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 30 output channels in registers.
 UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
+UNROLLED_TAP_SECTIONS = 1  # unrolled code skips each edge cell's border taps (one op a map); 0: regions as measured
 UNROLLED_WINDOW_BYTES = 512 << 10  # input a band of output rows reads (one vector a cell): half of L2
 UNROLLED_MAX_CELLS = 1024  # unrolled only on output maps of at most this many cells (32x32)
 UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
@@ -1363,10 +1364,11 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip, item_rows = (2 if lanes in kernels.PAIR_CELL_SIZES else 1), 1
     # A serial plan's unrolled conv: each region is its own code, streamed again for every share (see UNROLLED_REGION_GAIN)
-    gain = (UNROLLED_REGION_GAIN if b.serial and pool is None and not tiled
-            and _unrolls(lanes, out_h * out_w, len(indices), out_channels * c * int(whole[4].sum())) else LANE_REGION_GAIN)
-    regions = [whole] if tiled else lane_region_split(h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz,
-                                                      lanes, cells_per_strip, whole, gain)
+    unrolls = (pool is None and not tiled
+               and _unrolls(lanes, out_h * out_w, len(indices), out_channels * c * int(whole[4].sum())))
+    gain = UNROLLED_REGION_GAIN if b.serial and unrolls else LANE_REGION_GAIN
+    regions = [whole] if tiled or (unrolls and UNROLLED_TAP_SECTIONS) else lane_region_split(
+        h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz, lanes, cells_per_strip, whole, gain)
     layout = "tiles" if tiled else "lanes"
     native_res = res is not None and res[1] == layout
     if res is not None:
@@ -1409,8 +1411,11 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
             block_rows, block_channels = unrolled_bands(c, out_channels, rows, cols, wq_in,
                                                         (kh - 1) * dilation[0] + 1, sh, b.serial,
                                                         len(r_indices) / max(1, out_channels * c))
+            # Each nonzero's tap, so that a cell at the map's edge skips the taps that read the zero border.
+            tap_ids = r_indices % taps if 1 < taps <= 32 and UNROLLED_TAP_SECTIONS else None
             unrolled = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32),
-                        np.asarray(bias, np.float32), plane_out, block_rows, block_channels * plane_in)
+                        np.asarray(bias, np.float32), plane_out, block_rows, block_channels * plane_in, tap_ids,
+                        kernels.unrolled_tap_masks(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
             strip_arrays = (0, 0, 0, len(r_indices), 0, 0)
         else:
             bounds, order = kernels.channel_blocks(r_indptr, r_indices, taps, block, c, co_block)
@@ -1481,22 +1486,23 @@ def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
 def _unroll(b: _Builder):
     """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
     residuals are final, all into one executable mapping: per op, its table in u32 (functions, rows a band, input
-    channel blocks, address words, weight starts) and its weights in f32."""
+    channel blocks, output rows, output columns, address words, weight starts, row and column tap masks) and its
+    weights in f32."""
     functions, pending = [], []
-    for row, (indptr, positions, values, bias, plane_out, block_rows, block_span) in b.unrolled.items():
+    for row, (indptr, positions, values, bias, plane_out, block_rows, block_span, taps, masks) in b.unrolled.items():
         p = b.rows[row][2:]
         group_functions, weights, starts, n_blocks = kernels.unrolled_conv_functions(
-            indptr, positions, values, bias, plane_out, p[6] >= 0, p[7] != 0, block_span)
-        pending.append((row, len(functions), weights, starts, block_rows, n_blocks))
+            indptr, positions, values, bias, plane_out, p[6] >= 0, p[7] != 0, block_span, taps)
+        pending.append((row, len(functions), weights, starts, block_rows, n_blocks, masks))
         functions += group_functions
     if not functions:
         return
     code = kernels.UnrolledCode(functions)
     b.code.append(code)
     words = kernels.address_words(code).reshape(-1, 2)
-    for row, first, weights, starts, block_rows, n_blocks in pending:
-        table = np.concatenate([[len(starts), block_rows, n_blocks], words[first:first + len(starts)].reshape(-1),
-                                starts])
+    for row, first, weights, starts, block_rows, n_blocks, (row_masks, col_masks) in pending:
+        table = np.concatenate([[len(starts), block_rows, n_blocks, len(row_masks), len(col_masks)],
+                                words[first:first + len(starts)].reshape(-1), starts, row_masks, col_masks])
         b.rows[row][2 + 30] = b.weights_u32(table.astype(np.uint32))
         b.rows[row][2 + 31] = b.weights_f32(weights)
 

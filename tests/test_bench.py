@@ -166,10 +166,10 @@ def test_ab_plan_times_the_layers_a_setting_changes(capsys, monkeypatch):
     ab_plan = _bench_script("ab_plan")
     from sparsert import plan as plan_module
     monkeypatch.setattr(plan_module, "BAND_BYTES", 0)
-    before = (plan_module.LANE_REGION_GAIN, plan_module.UNROLLED_REGION_GAIN, plan_module.LANE_STRIP_EXPONENT)
-    settings = {"LANE_REGION_GAIN": 1.0, "UNROLLED_REGION_GAIN": 1.0, "LANE_STRIP_EXPONENT": 0.0}
+    before = (plan_module.LANE_REGION_GAIN, plan_module.UNROLLED_CONV, plan_module.LANE_STRIP_EXPONENT)
+    settings = {"LANE_REGION_GAIN": 1.0, "UNROLLED_CONV": 0, "LANE_STRIP_EXPONENT": 0.0}  # (unrolled: whole maps)
     result = ab_plan.compare("tiny_cnn", "per-layer-90", 64, settings, turns=2, whole_turns=2, turn_seconds=0.01)
-    assert (plan_module.LANE_REGION_GAIN, plan_module.UNROLLED_REGION_GAIN,
+    assert (plan_module.LANE_REGION_GAIN, plan_module.UNROLLED_CONV,
             plan_module.LANE_STRIP_EXPONENT) == before  # restored after planning
     assert result["ops"][1] > result["ops"][0]  # B runs regions as their own ops
     ops = {r["layer"]: r["ops"] for r in result["layers"]}

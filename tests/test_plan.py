@@ -1055,11 +1055,11 @@ def test_lane_region_split_choice(map_size, lanes, stride, expected):
 def test_row_regions_read_the_zeroed_border_and_match_dense(monkeypatch):
     """A 3x3 conv on a 4x4 map at 32 lanes runs as 3 regions of whole rows: each keeps the taps that read the
     input for any of its pixels, so its edge pixels read the zero border through the others. Over a NaN-filled
-    arena a border left unzeroed would show; the residual and ReLU stay fused. (A split batch's serial plan keeps
-    unrolled 4x4 maps whole, UNROLLED_REGION_GAIN: here it splits them as a per-op plan does.)"""
+    arena a border left unzeroed would show; the residual and ReLU stay fused. (The strip kernels': unrolled code
+    runs the map whole, each cell skipping its border taps, test_unrolled.)"""
     from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
-    monkeypatch.setattr(plan_module, "UNROLLED_REGION_GAIN", plan_module.LANE_REGION_GAIN)
+    monkeypatch.setattr(plan_module, "UNROLLED_CONV", 0)
     torch.manual_seed(0)
     model = _ConvResidual(kernel_size=3, padding=1).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)
@@ -1070,10 +1070,12 @@ def test_row_regions_read_the_zeroed_border_and_match_dense(monkeypatch):
     torch.testing.assert_close(_run_on_nan_arena(sparse, x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_small_map_conv_splits_into_regions_without_padding_taps():
-    """A 3x3 conv on a 2x2 map reads the input through 4 taps per pixel: it runs as 4 one-cell region ops,
-    each holding only the nonzeros of its live taps, and still matches torch (residual and ReLU fused)."""
+def test_small_map_conv_splits_into_regions_without_padding_taps(monkeypatch):
+    """A 3x3 conv on a 2x2 map reads the input through 4 taps per pixel: the strip kernels run it as 4 one-cell
+    region ops, each holding only the nonzeros of its live taps, and still match torch (residual and ReLU fused)."""
+    from sparsert import plan as plan_module
     from sparsert.kernels import executor as ex
+    monkeypatch.setattr(plan_module, "UNROLLED_CONV", 0)
     torch.manual_seed(0)
     model = _ConvResidual(kernel_size=3, padding=1).eval()
     sparse = sparsert.sparsify(model, min_sparsity=0.5)

@@ -108,10 +108,18 @@ def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, h
     origin = (1 - pad) * wq_in + 1 - pad
     run = unrolled.unrolled_conv_par if parallel else unrolled.unrolled_conv_seq
     outs = {}
-    for block_channels in (0, 3):  # one block, and blocks of 3 input channels (partial sums through the output)
+    taps = np.asarray(csr.indices, np.int64) % (kernel * kernel)
+    all_taps = np.full(hw + 2, 0xFFFFFFFF, np.uint32)
+    masks = unrolled.tap_masks(hw, hw, out_hw, out_hw, (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4)
+    # One block, blocks of 3 input channels (partial sums through the output), and blocks run tap by tap, each
+    # cell skipping the taps that read the zero border: their input's border holds NaN, which no output may see.
+    x_nan_border = x_lanes.copy()
+    x_nan_border.reshape(c_in, hw + 2, wq_in, lanes)[:, [0, -1], :, :] = np.nan
+    x_nan_border.reshape(c_in, hw + 2, wq_in, lanes)[:, :, [0, -1], :] = np.nan
+    for block_channels, sections in ((0, False), (3, False), (3, True)):
         functions, weights, starts, n_blocks = unrolled.conv_functions(
             indptr, positions, np.asarray(csr.data, np.float32), bias.numpy(), plane_out, has_residual, relu,
-            block_channels * plane_in)
+            block_channels * plane_in, taps if sections else None)
         code = unrolled.UnrolledCode(functions)
         n_groups = -(-c_out // unrolled.ACCUMULATORS)
         assert n_blocks == (1 if block_channels == 0 or csr.nnz == 0 else -(-c_in // block_channels))
@@ -121,11 +129,14 @@ def test_unrolled_conv_matches_torch(c_in, c_out, hw, stride, kernel, density, h
             assert (code.addresses.reshape(n_groups, n_blocks)[:, 1] == 0).all()
         out = _aligned(c_out * (out_hw + 2) * wq_out * lanes)
         out[:] = 7.0  # the border cells must keep it
-        run(unrolled.address_words(code), starts.astype(np.uint32), n_blocks, weights, x_lanes, origin, stride * wq_in,
-            stride, res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes, block_rows, not parallel)
-        outs[block_channels] = out
+        run(unrolled.address_words(code), starts.astype(np.uint32), n_blocks, weights,
+            x_nan_border if sections else x_lanes, origin, stride * wq_in,
+            stride, res_lanes, out, wq_out, wq_out + 1, out_hw, out_hw, lanes, block_rows, not parallel,
+            *(masks if sections else (all_taps, all_taps)))
+        outs[block_channels, sections] = out
     # The same sums in the same order: blocks change where partial sums live, not the result (bit for bit).
-    np.testing.assert_array_equal(outs[0], outs[3])
+    np.testing.assert_array_equal(outs[0, False], outs[3, False])
+    out = outs[3, True]  # checked against torch below (its sums run in another order)
     expected = nn.functional.conv2d(x, weight, bias, stride=stride, padding=pad)
     if has_residual:
         expected = expected + residual
@@ -190,8 +201,8 @@ def _unrolled_tables(plan, layer):
 
 def test_serial_plan_runs_unrolled_convs_in_channel_blocks(monkeypatch):
     """One share of a split batch (a serial plan) runs its unrolled convs block of input channels by block
-    (plan.unrolled_bands): the same sums in the same order as one block, so the same output bit for bit; a
-    per-op plan keeps one block."""
+    (plan.unrolled_bands): without tap sections, the same sums in the same order as one block, so the same output
+    bit for bit; a per-op plan keeps one block."""
     model, x = _block(), torch.randn(64, 64, 8, 8)
     with torch.no_grad():
         gm = sparsert.sparsify(model)
@@ -200,12 +211,38 @@ def test_serial_plan_runs_unrolled_convs_in_channel_blocks(monkeypatch):
         assert tables and all(blocks > 1 for _, blocks in tables)
         per_op = plan_module.build_plan(gm, tuple(x.shape), parts=1)
         assert all(blocks == 1 for _, blocks in _unrolled_tables(per_op, "conv1"))
+        torch.testing.assert_close(blocked(x), model(x), rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(plan_module, "UNROLLED_TAP_SECTIONS", 0)  # (tap by tap, a block's sums run in tap order)
+        blocked = plan_module.build_plan(gm, tuple(x.shape), parts=2)
         monkeypatch.setattr(plan_module, "UNROLLED_BLOCK_BYTES", 0)
         one_block = plan_module.build_plan(gm, tuple(x.shape), parts=2)
         assert all(blocks == 1 for _, blocks in _unrolled_tables(one_block, "conv1"))
         got = blocked(x)
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
         assert torch.equal(got, one_block(x))
+
+
+def test_unrolled_convs_run_whole_maps_skipping_border_taps(monkeypatch):
+    """An unrolled 3x3 conv on a 4x4 map runs as one op whose cells skip the taps that read the zero border (its
+    table's masks: kernels.unrolled.tap_masks), where without tap sections a per-op plan cuts it into regions,
+    each with its own code; both match torch."""
+    model, x = _block(channels=32, density=0.3), torch.randn(32, 32, 4, 4)
+    with torch.no_grad():
+        gm = sparsert.sparsify(model)
+        plan = plan_module.build_plan(gm, tuple(x.shape))
+        convs = [row for row, name in zip(plan.ops, plan.op_layers) if name == "conv1" and row[0] == ex.LANE_CONV]
+        assert len(convs) == 1 and convs[0][2 + 30] >= 0 and convs[0][2 + 11] == 4
+        t = convs[0][2 + 30]
+        n_functions, rows, cols = (int(v) for v in plan.u32[[t, t + 3, t + 4]])
+        masks = plan.u32[t + 5 + 3 * n_functions:t + 5 + 3 * n_functions + rows + cols]
+        expected = np.concatenate(kernels.unrolled_tap_masks(4, 4, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)))
+        np.testing.assert_array_equal(masks, expected)
+        assert masks[0] == 0b111111000 and masks[rows] == 0b110110110  # top row: no kernel row 0; left: no column 0
+        torch.testing.assert_close(plan(x), model(x), rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(plan_module, "UNROLLED_TAP_SECTIONS", 0)
+        regions = plan_module.build_plan(gm, tuple(x.shape))
+        assert sum(name == "conv1" and row[0] == ex.LANE_CONV for row, name in zip(regions.ops, regions.op_layers)) > 1
+        torch.testing.assert_close(regions(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_unrolled_blocks_hold_enough_nonzeros_to_pay_their_partial_sums():
@@ -222,21 +259,6 @@ def test_unrolled_blocks_hold_enough_nonzeros_to_pay_their_partial_sums():
     assert bands(128, 128, 4, 4, 6, 1, 1, True, 0.1)[1] == 0  # the floor holds every channel: one block
     assert bands(512, 512, 4, 4, 6, 3, 1, False, 0.9)[1] == 0
     assert bands(64, 64, 32, 32, 34, 3, 1, True, 0.9)[1] == 0
-
-
-def test_serial_plan_keeps_small_unrolled_maps_whole():
-    """Row regions of a 3x3 conv on a 4x4 map save a sixth of its multiply-adds but make three copies of its code,
-    which a serial plan streams again for every share: there it stays one region (UNROLLED_REGION_GAIN); a per-op
-    plan splits it into regions (LANE_REGION_GAIN)."""
-    model, x = _block(), torch.randn(64, 64, 4, 4)
-    with torch.no_grad():
-        gm = sparsert.sparsify(model)
-        serial = plan_module.build_plan(gm, tuple(x.shape), parts=2)
-        per_op = plan_module.build_plan(gm, tuple(x.shape), parts=1)
-        assert [rows for rows, _ in _unrolled_tables(serial, "conv1")] == [4]
-        assert len(_unrolled_tables(per_op, "conv1")) > 1
-        for plan in (serial, per_op):
-            torch.testing.assert_close(plan(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_keeps_strip_kernels_for_large_or_very_sparse_maps():
