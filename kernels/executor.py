@@ -252,6 +252,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             if p[30] >= 0:  # unrolled code (its op stores no strip-kernel arrays)
                 t = p[30]
                 n_functions, block_rows, n_blocks, map_rows, map_cols = u32[t], u32[t + 1], u32[t + 2], u32[t + 3], u32[t + 4]
+                prefetch_next = u32[t + 5] != 0
+                t += 1
                 words = u32[t + 5:t + 5 + 2 * n_functions]
                 starts = u32[t + 5 + 2 * n_functions:t + 5 + 3 * n_functions]
                 row_masks = u32[t + 5 + 3 * n_functions:t + 5 + 3 * n_functions + map_rows]
@@ -259,11 +261,11 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 if par:
                     unrolled_conv_par(words, starts, n_blocks, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
                                       out.reshape(-1), p[24], p[22], p[11], p[12], p[13], block_rows, False,
-                                      row_masks, col_masks)
+                                      row_masks, col_masks, prefetch_next)
                 else:
                     unrolled_conv_seq(words, starts, n_blocks, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
                                       out.reshape(-1), p[24], p[22], p[11], p[12], p[13], block_rows, True,
-                                      row_masks, col_masks)
+                                      row_masks, col_masks, prefetch_next)
             else:
                 bounds = u32[p[16]:p[16] + p[4] * 2 * p[17]].reshape((p[4], 2 * p[17]))
                 offsets, values, bias = u32[p[18]:p[18] + p[19]], f32[p[20]:p[20] + p[19]], f32[p[21]:p[21] + p[4]]

@@ -31,6 +31,7 @@ import platform
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
@@ -339,14 +340,59 @@ def call_group(typingctx, address, x, x_at, out, out_at, w, w_at, res, res_at, m
     return sig, codegen
 
 
+@intrinsic
+def prefetch_l2(typingctx, address):
+    """Prefetch the cache line at `address` (an int64) into L2 (llvm.prefetch: read, locality 2, data; prefetcht1).
+    Locality 3 (into L1 as well) ran 3% slower on whole calls: the lines are needed a function later."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i32, pointer = ir.IntType(32), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32])
+        function = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(function, [builder.inttoptr(args[0], pointer), i32(0), i32(2), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_PREFETCH_MAX_BYTES = 32 << 10  # a function's code prefetched at most (blocks' functions hold a few KB)
+
+
+@njit(inline="always", **OPTIONS)
+def _prefetch_function(words, starts, weights, i):
+    """Prefetch function i's code (up to the next function's entry, which follows it in the mapping) and its
+    weights (up to the next function's) into L2."""
+    address = np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
+    if address == 0:
+        return
+    n = len(starts)
+    end = address + 4096  # the last function's length is not recorded: its first 4 KB
+    for j in range(i + 1, n):
+        following = np.int64(words[2 * j]) | (np.int64(words[2 * j + 1]) << 32)
+        if following != 0:
+            end = following
+            break
+    for line in range(address, min(end, address + _PREFETCH_MAX_BYTES), 64):
+        prefetch_l2(line)
+    w_start = weights.ctypes.data + 4 * np.int64(starts[i])
+    w_end = weights.ctypes.data + 4 * np.int64(starts[i + 1]) if i + 1 < n else w_start + 4096
+    for line in range(w_start, w_end, 64):
+        prefetch_l2(line)
+
+
 def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin,
-                   out_h, out_w, lanes, block_rows, blocks_outer, row_masks, col_masks):
+                   out_h, out_w, lanes, block_rows, blocks_outer, row_masks, col_masks, prefetch_next):
     """The lanes conv (lanes.py's `_lane_conv` addressing: output cell (oy, ox) reads from input cell origin +
     oy * step_y + ox * step_x, writes cell out_origin + oy * wq_out + ox; x, out, residual flat) through the
     unrolled functions of `conv_functions`: group g's block k has the address words[2i] | words[2i + 1] << 32
     (i = g * n_blocks + k; 0: none), its weights start at starts[i]; residual is read where the code was built
     with it. Output cell (oy, ox) of the whole map (border excluded, wq_out cells a row with border) runs the taps
-    of row_masks[oy] & col_masks[ox] (`tap_masks`).
+    of row_masks[oy] & col_masks[ox] (`tap_masks`). prefetch_next (blocks outermost): while a function runs over a
+    band, the next one's code and weights are prefetched into L2; without, each function's first cell waited for
+    its code from L3 (a whole call ran each op 1.2x slower than the op run again at once: CIFAR ResNet18 90% bs 64
+    42.0 ms against 33.9 ms for the repeats; code and weights prefetched, paired whole calls 0.975, code alone
+    0.988, weights alone 1.01, into L1 as well 1.03 against L2).
 
     Order: each 16-lane vector of the cells, then bands of block_rows output rows, then either the groups (in
     parallel) and each group's blocks in turn, or (blocks_outer, a serial plan's) the blocks and every group within
@@ -361,6 +407,11 @@ def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, 
             if blocks_outer:
                 for k in range(n_blocks):
                     for g in prange(n_groups):
+                        if prefetch_next:  # the function that runs next, while this one runs over the band
+                            next_k, next_g = (k, g + 1) if g + 1 < n_groups else (k + 1, 0)
+                            if next_k < n_blocks:
+                                _prefetch_function(words, starts, weights,
+                                                   np.int64(next_g) * np.int64(n_blocks) + np.int64(next_k))
                         _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out,
                                        out_origin, out_h, out_w, lanes, block_rows, v, oy0, g * n_blocks + k,
                                        row_masks, col_masks)

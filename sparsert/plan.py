@@ -1059,12 +1059,15 @@ LANE_MIN_ITEMS = 8         # work items a lane-conv op should offer its threads
 LANE_POOL_SCRATCH_BYTES = 512 << 10  # conv maps a fused conv + max pool work item holds: a quarter of L2
 # Unrolled lanes convs (kernels.unrolled): per-layer machine code holding 30 output channels in registers.
 UNROLLED_CONV = 1          # 0: the strip kernels run every lanes conv
+UNROLLED_PREFETCH = 1      # prefetch the next function's code and weights while one runs (a serial plan's blocks)
 UNROLLED_TAP_SECTIONS = 1  # unrolled code skips each edge cell's border taps (one op a map); 0: regions as measured
 UNROLLED_WINDOW_BYTES = 512 << 10  # input a band of output rows reads (one vector a cell): half of L2
 UNROLLED_MAX_CELLS = 1024  # unrolled only on output maps of at most this many cells (32x32)
-UNROLLED_MIN_DENSITY = 0.05  # ... and at least this density over the live taps, except on maps of at most
-UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer: 32x32 and 16x16 maps 1.2-1.3x
-                             # slower unrolled, 8x8 and 4x4 even (0.9-1.1), 2x2 and 1x1 1.5-1.9x faster
+UNROLLED_MIN_DENSITY = 0.01  # ... and at least this density over the live taps, except on maps of at most
+UNROLLED_SMALL_CELLS = 4     # this many cells. Batch 64, 2% density, layer by layer (before tap sections): 32x32 and
+                             # 16x16 maps 1.2-1.3x slower unrolled, 8x8 and 4x4 even, 2x2 and 1x1 1.5-1.9x faster. With
+                             # tap sections, paired whole calls at bs 64, 0.01 against 0.05: CIFAR ResNet18 98% 0.95,
+                             # global-98 0.985, torchvision resnet18 98% 0.90; 0.0 against 0.01 even
 # A serial plan's unrolled convs run in blocks of input channels (`unrolled_bands`; CIFAR ResNet18 bs 64, paired whole
 # calls: 90% 1.03x, 64 KB against 32 KB 1.07x, 128 KB even; blocks on 32x32 maps, UNROLLED_MIN_BLOCK_CHANNELS 4: 0.97x)
 UNROLLED_BLOCK_BYTES = 64 << 10     # input window of a block (0: one block)
@@ -1501,7 +1504,7 @@ def _unroll(b: _Builder):
     b.code.append(code)
     words = kernels.address_words(code).reshape(-1, 2)
     for row, first, weights, starts, block_rows, n_blocks, (row_masks, col_masks) in pending:
-        table = np.concatenate([[len(starts), block_rows, n_blocks, len(row_masks), len(col_masks)],
+        table = np.concatenate([[len(starts), block_rows, n_blocks, len(row_masks), len(col_masks), UNROLLED_PREFETCH],
                                 words[first:first + len(starts)].reshape(-1), starts, row_masks, col_masks])
         b.rows[row][2 + 30] = b.weights_u32(table.astype(np.uint32))
         b.rows[row][2 + 31] = b.weights_f32(weights)
