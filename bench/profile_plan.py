@@ -5,11 +5,14 @@
 Models and pruning are those of `sparsert bench` (same seed); the model is `sparsify(model)` with its
 defaults. A whole call runs first, so every op then finds its inputs where a call leaves them; each op
 then runs alone (`--repeats` times, the fastest kept), on the plan's threads (a batch split between
-threads runs its ops once per share, in parallel, as in a call). The ops' sum can differ from a whole call:
-an op alone finds its inputs in cache that the ops before it in a call may have pushed out.
+threads runs its ops once per share, in parallel, as in a call). The ops' sum runs below a whole call: an op
+run again at once is faster than its first run in a call (CIFAR ResNet18 90% at batch 64, a call running each op
+twice: 42.0 ms for the first runs, 33.9 ms for the repeats), and writing 96 MB between the repeats did not slow
+them, so it is not only the data caches (bench/RESULTS.md).
 
 Sparse products also show their multiply-adds per second: nonzeros x the outputs each one meets (the
-lanes conv counts padding lanes and the grid conv its border cells: what the kernel computes). Put it beside
+lanes conv counts padding lanes and the grid conv its border cells: what the kernel computes; the unrolled lanes
+conv skips the taps that read the zero border, which are counted, so on small maps its rate reads high). Put it beside
 DeepSparse's per-layer times (`deepsparse.debug_analysis -b 64 -ncores 2 model.onnx`, in its own venv)
 to see which layers a gap comes from (bench/RESULTS.md).
 """

@@ -11,10 +11,11 @@ the code is written per layer, the way sparse inference engines JIT their convs:
         vmovups  zmm_x, [x + offset]                        ; one load
         vfmadd231ps zmm_acc[j], zmm_x, [w + 4k]{1to16}      ; per nonzero: weight broadcast from memory
 
-with each accumulator starting at bias + residual, then per channel max(0, .) where relu, and a store. One function
-per group of G channels (and block of input channels) computes one 16-lane vector of every output cell it is called
-for; the caller passes the strip's input, output, weight and residual pointers (offsets inside the layout are baked
-in as displacements).
+with each accumulator starting at bias + residual, then per channel max(0, .) where relu, and a store. The
+nonzeros run tap by tap, each tap's section skipped where the caller's mask says that tap reads the zero border at
+this cell. One function per group of G channels (and block of input channels) computes one 16-lane vector of every
+output cell it is called for; the caller passes the strip's input, output, weight and residual pointers (offsets
+inside the layout are baked in as displacements) and the cell's mask of taps.
 
 The encoder below writes these few EVEX instructions itself: LLVM took 4 s to compile the same code for a
 128-channel layer and 23 s for a 256-channel one (bench/RESULTS.md); writing the bytes with numpy takes
@@ -391,8 +392,8 @@ def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, 
     of row_masks[oy] & col_masks[ox] (`tap_masks`). prefetch_next (blocks outermost): while a function runs over a
     band, the next one's code and weights are prefetched into L2; without, each function's first cell waited for
     its code from L3 (a whole call ran each op 1.2x slower than the op run again at once: CIFAR ResNet18 90% bs 64
-    42.0 ms against 33.9 ms for the repeats; code and weights prefetched, paired whole calls 0.975, code alone
-    0.988, weights alone 1.01, into L1 as well 1.03 against L2).
+    42.0 ms against 33.9 ms for the repeats; code and weights prefetched, paired whole calls 0.975x the time; code
+    alone 1.01x the time of both, weights alone 1.03x, into L1 as well 1.03x).
 
     Order: each 16-lane vector of the cells, then bands of block_rows output rows, then either the groups (in
     parallel) and each group's blocks in turn, or (blocks_outer, a serial plan's) the blocks and every group within
