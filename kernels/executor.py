@@ -238,8 +238,8 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
             #    output cells per row with border, tiles per row of a tiled map (0: not tiled), its halo masks (u32 [9]),
             #    the rows [p27, p28) whose border cells it zeroes (all rows, or one row band's: sparsert.bands),
             #    output rows a work item covers (1 or 2), the unrolled code's table (u32: functions, rows a band, input channel
-            #    blocks, output rows and columns, their address words, their weight starts, the rows' and columns' tap masks;
-            #    -1: the strip kernels run) and its weights (f32, kernels.unrolled)
+            #    blocks, output rows and columns, whether to prefetch, their address words, their weight starts, the rows' and
+            #    columns' tap masks; -1: the strip kernels run) and its weights (f32, kernels.unrolled)
             x_lanes = arena[p[0]:p[0] + p[1] * p[2]]
             out = arena[p[3]:p[3] + p[4] * p[5]].reshape((p[4], p[5]))
             has_res = p[6] >= 0
@@ -253,11 +253,11 @@ def run_plan(ops, arena, f32, u32, u16, u8, x):
                 t = p[30]
                 n_functions, block_rows, n_blocks, map_rows, map_cols = u32[t], u32[t + 1], u32[t + 2], u32[t + 3], u32[t + 4]
                 prefetch_next = u32[t + 5] != 0
-                t += 1
-                words = u32[t + 5:t + 5 + 2 * n_functions]
-                starts = u32[t + 5 + 2 * n_functions:t + 5 + 3 * n_functions]
-                row_masks = u32[t + 5 + 3 * n_functions:t + 5 + 3 * n_functions + map_rows]
-                col_masks = u32[t + 5 + 3 * n_functions + map_rows:t + 5 + 3 * n_functions + map_rows + map_cols]
+                w_at = t + 6  # the address words, then the weight starts, the row masks, the column masks
+                s_at = w_at + 2 * n_functions
+                m_at = s_at + n_functions
+                words, starts = u32[w_at:s_at], u32[s_at:m_at]
+                row_masks, col_masks = u32[m_at:m_at + map_rows], u32[m_at + map_rows:m_at + map_rows + map_cols]
                 if par:
                     unrolled_conv_par(words, starts, n_blocks, f32[p[31]:], x_lanes, p[8], p[9], p[10], res.reshape(-1),
                                       out.reshape(-1), p[24], p[22], p[11], p[12], p[13], block_rows, False,

@@ -1366,11 +1366,13 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
         cells_per_strip, item_rows = lane_strip_cells(lanes), 2
     else:  # two cells a strip where a gapped strip holds them (kernels.lanes.cells_strip)
         cells_per_strip, item_rows = (2 if lanes in kernels.PAIR_CELL_SIZES else 1), 1
-    # A serial plan's unrolled conv: each region is its own code, streamed again for every share (see UNROLLED_REGION_GAIN)
+    # An unrolled conv runs whole, each edge cell skipping its border taps (tap sections, up to 32 taps). Without
+    # them, a serial plan's regions are each their own code, streamed again for every share (UNROLLED_REGION_GAIN).
     unrolls = (pool is None and not tiled
                and _unrolls(lanes, out_h * out_w, len(indices), out_channels * c * int(whole[4].sum())))
+    tap_sections = unrolls and UNROLLED_TAP_SECTIONS and 1 < taps <= 32
     gain = UNROLLED_REGION_GAIN if b.serial and unrolls else LANE_REGION_GAIN
-    regions = [whole] if tiled or (unrolls and UNROLLED_TAP_SECTIONS) else lane_region_split(
+    regions = [whole] if tiled or tap_sections else lane_region_split(
         h, w, out_h, out_w, kernel_size, stride, dilation, pads, tap_nnz, lanes, cells_per_strip, whole, gain)
     layout = "tiles" if tiled else "lanes"
     native_res = res is not None and res[1] == layout
@@ -1415,7 +1417,7 @@ def _lower_lane_conv(b: _Builder, src, res, indptr, indices, values, bias, relu,
                                                         (kh - 1) * dilation[0] + 1, sh, b.serial,
                                                         len(r_indices) / max(1, out_channels * c))
             # Each nonzero's tap, so that a cell at the map's edge skips the taps that read the zero border.
-            tap_ids = r_indices % taps if 1 < taps <= 32 and UNROLLED_TAP_SECTIONS else None
+            tap_ids = r_indices % taps if tap_sections else None
             unrolled = (r_indptr, offsets.astype(np.int64), np.asarray(r_values, np.float32),
                         np.asarray(bias, np.float32), plane_out, block_rows, block_channels * plane_in, tap_ids,
                         kernels.unrolled_tap_masks(h, w, out_h, out_w, kernel_size, stride, dilation, pads))
@@ -1489,8 +1491,8 @@ def _unrolls(lanes: int, out_cells: int, nnz: int, live_weights: int) -> bool:
 def _unroll(b: _Builder):
     """Write the unrolled code of the lanes convs `_lower_lane_conv` marked, now that their ReLU flags and
     residuals are final, all into one executable mapping: per op, its table in u32 (functions, rows a band, input
-    channel blocks, output rows, output columns, address words, weight starts, row and column tap masks) and its
-    weights in f32."""
+    channel blocks, output rows, output columns, whether to prefetch, address words, weight starts, row and column
+    tap masks) and its weights in f32."""
     functions, pending = [], []
     for row, (indptr, positions, values, bias, plane_out, block_rows, block_span, taps, masks) in b.unrolled.items():
         p = b.rows[row][2:]
