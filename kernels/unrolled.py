@@ -103,14 +103,6 @@ _LEA_RDI_R9, _LEA_RDX_R10 = b"\x49\x8d\xb9", b"\x49\x8d\x92"  # lea rdi, [r9 + d
 _TEST_R8D, _JZ_REL32 = b"\x41\xf7\xc0", b"\x0f\x84"  # test r8d, imm32; jz rel32
 
 
-def _lea_rows(prefix: bytes, values: np.ndarray) -> np.ndarray:
-    """lea (prefix: REX, opcode, ModRM) with a four-byte displacement, for many values: uint8 [n, 7]."""
-    rows = np.empty((len(values), 7), np.uint8)
-    rows[:, :3] = np.frombuffer(prefix, np.uint8)
-    rows[:, 3:] = np.asarray(values, np.int64).astype("<i4").view(np.uint8).reshape(-1, 4)
-    return rows
-
-
 _X_WINDOW = 4080  # floats of input one rdi base reaches with one-byte displacements (-2048 .. +2032)
 _W_WINDOW = 256   # weights one rdx base reaches (-128 .. +127)
 
@@ -127,12 +119,18 @@ def _disp8_rows(op, regs: np.ndarray, vvvv: int, base: int, disp8: np.ndarray, b
     return rows
 
 
-def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
-    """`_add_imm32` for many values: uint8 [n, 7]."""
+def _imm32_rows(prefix: bytes, values: np.ndarray) -> np.ndarray:
+    """A 7-byte instruction, its three bytes (REX, opcode, ModRM) then a four-byte immediate or displacement, for
+    many values: uint8 [n, 7]."""
     rows = np.empty((len(values), 7), np.uint8)
-    rows[:, :3] = np.frombuffer(_add_imm32(register, 0)[:3], np.uint8)  # REX.W, opcode, ModRM: then the imm32
+    rows[:, :3] = np.frombuffer(prefix, np.uint8)
     rows[:, 3:] = np.asarray(values, np.int64).astype("<i4").view(np.uint8).reshape(-1, 4)
     return rows
+
+
+def _add_rows(register: int, values: np.ndarray) -> np.ndarray:
+    """`_add_imm32` for many values: uint8 [n, 7]."""
+    return _imm32_rows(_add_imm32(register, 0)[:3], values)
 
 
 def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offsets: np.ndarray,
@@ -199,8 +197,8 @@ def group_code(positions: np.ndarray, owners: np.ndarray, n_chan: int, out_offse
         slots[keep[:, 2], 2] = _add_rows(_RDX, 4 * w_step[keep[:, 2]])
         if sectioned:  # each section's first nonzero sets both bases from the entry pointers
             keep[section_starts, 0] = keep[section_starts, 2] = True
-            slots[section_starts, 0] = _lea_rows(_LEA_RDI_R9, 4 * x_base[section_starts])
-            slots[section_starts, 2] = _lea_rows(_LEA_RDX_R10, 4 * w_base[section_starts])
+            slots[section_starts, 0] = _imm32_rows(_LEA_RDI_R9, 4 * x_base[section_starts])
+            slots[section_starts, 2] = _imm32_rows(_LEA_RDX_R10, 4 * w_base[section_starts])
         keep[new, 1] = True
         slots[new, 1] = _disp8_rows(_VMOVUPS_LOAD, np.full(new.sum(), _X), 0, _RDI,
                                     (positions[new] - x_base[new]) // 16, False)
@@ -361,16 +359,22 @@ _PREFETCH_MAX_BYTES = 32 << 10  # a function's code prefetched at most (blocks' 
 
 
 @njit(inline="always", **OPTIONS)
+def _address(words, i):
+    """Function i's entry point from its two address words (`address_words`; 0: no function)."""
+    return np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
+
+
+@njit(inline="always", **OPTIONS)
 def _prefetch_function(words, starts, weights, i):
     """Prefetch function i's code (up to the next function's entry, which follows it in the mapping) and its
     weights (up to the next function's) into L2."""
-    address = np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
+    address = _address(words, i)
     if address == 0:
         return
     n = len(starts)
     end = address + 4096  # the last function's length is not recorded: its first 4 KB
     for j in range(i + 1, n):
-        following = np.int64(words[2 * j]) | (np.int64(words[2 * j + 1]) << 32)
+        following = _address(words, j)
         if following != 0:
             end = following
             break
@@ -428,7 +432,7 @@ def _unrolled_conv(words, starts, n_blocks, weights, x, origin, step_y, step_x, 
 def _unrolled_band(words, starts, weights, x, origin, step_y, step_x, residual, out, wq_out, out_origin, out_h,
                    out_w, lanes, block_rows, v, oy0, i, row_masks, col_masks):
     """Function i of the unrolled conv over one band's cells, vector v."""
-    address = np.int64(words[2 * i]) | (np.int64(words[2 * i + 1]) << 32)
+    address = _address(words, i)
     if address == 0:
         return
     first_col = out_origin % wq_out - 1  # the op's first column in the whole map (an op or band may start anywhere)
